@@ -1,0 +1,419 @@
+"""The graph and backward(): accumulation, order, retain_graph, error messages, no_grad, and deep graphs."""
+import gc
+import threading
+import weakref
+
+import numpy as np
+import pytest
+
+import tinymoe as tm
+from helpers import host, leaf
+
+
+# ----- gradient accumulation --------------------------------------------------------------------------------
+def test_tensor_used_twice_accumulates(device):
+    x = leaf([1.0, -2.0, 3.0], device)
+    (x * x + x).sum().backward()   # d/dx (x^2 + x) = 2x + 1
+    np.testing.assert_array_equal(host(x.grad), [3.0, -3.0, 7.0])
+
+
+def test_same_tensor_twice_in_one_op():
+    x = leaf([1.0, 2.0])
+    (x + x).sum().backward()
+    np.testing.assert_array_equal(x.grad, [2.0, 2.0])
+    y = leaf([3.0, 4.0])
+    (y - y).sum().backward()
+    np.testing.assert_array_equal(y.grad, [0.0, 0.0])
+    z = leaf([3.0, 4.0])
+    (z / z).sum().backward()
+    np.testing.assert_allclose(z.grad, [0.0, 0.0], atol=1e-15)
+
+
+def test_diamond_graph_sums_both_paths_through_an_intermediate():
+    x = leaf([1.0, 2.0])
+    y = x * 3.0                    # intermediate used by two branches
+    z = y * y + 2.0 * y            # dz/dy = 2y + 2, dy/dx = 3
+    z.sum().backward()
+    np.testing.assert_allclose(x.grad, 3.0 * (2 * 3.0 * np.array([1.0, 2.0]) + 2.0))
+
+
+def test_gradients_accumulate_across_backward_calls_until_zeroed():
+    x = leaf([1.0, 2.0])
+    (x * 2.0).sum().backward()
+    (x * 3.0).sum().backward()
+    np.testing.assert_array_equal(x.grad, [5.0, 5.0])
+    x.zero_grad()
+    assert x.grad is None
+    (x * 4.0).sum().backward()
+    np.testing.assert_array_equal(x.grad, [4.0, 4.0])
+
+
+def test_backward_on_a_leaf_fills_its_own_grad():
+    x = leaf(3.0)
+    x.backward()
+    assert x.grad == 1.0
+    v = leaf([1.0, 2.0])
+    v.backward(np.array([5.0, 6.0]))
+    np.testing.assert_array_equal(v.grad, [5.0, 6.0])
+
+
+def test_grad_is_a_fresh_array_not_an_alias_of_the_cotangent():
+    x = leaf([1.0, 2.0])
+    cotangent = np.array([5.0, 6.0])
+    (x + 0.0).backward(cotangent)
+    cotangent[:] = 0.0
+    np.testing.assert_array_equal(x.grad, [5.0, 6.0])
+
+
+def test_leaf_grad_is_writable_after_a_broadcast_backward():
+    x = leaf(np.zeros((2, 3)))
+    x.sum().backward()  # Sum's backward may hand back a read-only broadcast view
+    x.grad[0, 0] = 7.0
+    assert x.grad[0, 0] == 7.0 and x.grad[1, 1] == 1.0
+
+
+def test_scalar_leaf_grad_is_an_ndarray():
+    x = leaf(3.0)
+    (x * x).backward()
+    assert x.grad == 6.0
+    assert isinstance(x.grad, np.ndarray), f"a 0-d leaf got a .grad of type {type(x.grad).__name__}"
+
+
+def test_grad_dtype_and_shape_match_the_leaf(device):
+    for dtype in ("float32", "float64"):
+        x = tm.tensor(np.ones((2, 3)), dtype=dtype, device=device, requires_grad=True)
+        (x * 2.0).mean().backward()
+        assert x.grad.dtype == np.dtype(dtype) and x.grad.shape == (2, 3)
+        np.testing.assert_allclose(host(x.grad), np.full((2, 3), 2.0 / 6.0), rtol=1e-6)
+
+
+def test_backward_accepts_cotangent_as_list_array_or_tensor():
+    for cotangent in ([1.0, -2.0], np.array([1.0, -2.0]), tm.tensor([1.0, -2.0], dtype="float64")):
+        x = leaf([3.0, 4.0])
+        (x * x).backward(cotangent)
+        np.testing.assert_array_equal(x.grad, [6.0, -16.0])
+
+
+def test_cotangent_tensor_of_another_dtype_gives_grad_of_the_leaf_dtype():
+    x = tm.tensor([1.0, 2.0], requires_grad=True)                # float32
+    hidden = (x * 2.0).retain_grad()
+    hidden.backward(tm.tensor([1.0, 1.0], dtype="float64"))
+    assert x.grad.dtype == np.float32 and hidden.grad.dtype == np.float32
+    leaf32 = tm.tensor([1.0, 2.0], requires_grad=True)
+    leaf32.backward(tm.tensor([1.0, 1.0], dtype="float64"))
+    assert leaf32.grad.dtype == np.float32
+
+
+# ----- what the graph records ---------------------------------------------------------------------------
+def test_requires_grad_propagates_only_from_inputs_that_require_it():
+    a, b = leaf([1.0]), leaf([2.0], requires_grad=False)
+    assert (a * b).requires_grad and not (a * b).is_leaf
+    plain = b * b
+    assert not plain.requires_grad and plain.is_leaf
+    with pytest.raises(RuntimeError, match="require"):
+        plain.sum().backward()
+
+
+def test_only_leaves_get_grad_unless_retain_grad():
+    x = leaf([1.0, 2.0])
+    hidden = x * 2.0
+    kept = (x * 3.0).retain_grad()
+    (hidden * kept).sum().backward()    # = 6 x^2
+    assert hidden.grad is None
+    np.testing.assert_array_equal(kept.grad, 2.0 * np.array([1.0, 2.0]))   # d/dkept = hidden
+    np.testing.assert_array_equal(x.grad, 12.0 * np.array([1.0, 2.0]))
+
+
+def test_input_not_requiring_grad_gets_no_grad():
+    a, b = leaf([1.0, 2.0]), leaf([3.0, 4.0], requires_grad=False)
+    (a * b).sum().backward()
+    assert b.grad is None
+    np.testing.assert_array_equal(a.grad, [3.0, 4.0])
+
+
+class CountingIdentity(tm.Function):
+    """Identity that records every gradient its backward receives."""
+
+    received = []
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.copy()
+
+    @staticmethod
+    def backward(ctx, grad):
+        CountingIdentity.received.append(np.array(grad))
+        return grad
+
+
+def test_each_node_runs_backward_once_with_its_total_gradient():
+    CountingIdentity.received = []
+    x = leaf([1.0, 2.0])
+    y = CountingIdentity.apply(x)
+    # y feeds three consumers at different depths: its backward must wait for all of them
+    z = (y * 2.0) + ((y * 3.0) * 1.0).reshape(2) + y.sum()
+    z.sum().backward()
+    assert len(CountingIdentity.received) == 1
+    np.testing.assert_array_equal(CountingIdentity.received[0], [7.0, 7.0])
+    np.testing.assert_array_equal(x.grad, [7.0, 7.0])
+
+
+def test_unused_branch_does_not_run():
+    CountingIdentity.received = []
+    x = leaf([1.0, 2.0])
+    unused = CountingIdentity.apply(x) * 5.0  # noqa: F841 (kept alive on purpose)
+    (x * 2.0).sum().backward()
+    assert CountingIdentity.received == []
+    np.testing.assert_array_equal(x.grad, [2.0, 2.0])
+
+
+# ----- errors ------------------------------------------------------------------------------------------------
+def test_backward_without_grad_on_non_scalar_names_the_shape():
+    y = leaf(np.ones((2, 3))) * 2.0
+    with pytest.raises(RuntimeError) as info:
+        y.backward()
+    assert "(2, 3)" in str(info.value) and "grad" in str(info.value)
+
+
+def test_backward_without_grad_on_one_element_tensor_is_allowed():
+    x = leaf([[2.0]])
+    (x * x).backward()
+    np.testing.assert_array_equal(x.grad, [[4.0]])
+
+
+@pytest.mark.parametrize("bad_shape", [(3, 2), (6,), (2, 3, 1), ()])
+def test_backward_grad_of_wrong_shape_names_both_shapes(bad_shape):
+    y = leaf(np.ones((2, 3))) * 2.0
+    with pytest.raises(ValueError) as info:
+        y.backward(np.ones(bad_shape))
+    message = str(info.value)
+    assert str(bad_shape) in message and "(2, 3)" in message
+
+
+def test_backward_grad_tensor_of_wrong_shape_is_refused():
+    y = leaf(np.ones(3)) * 2.0
+    with pytest.raises(ValueError, match=r"\(4,\)"):
+        y.backward(tm.tensor(np.ones(4), dtype="float64"))
+
+
+def test_backward_twice_without_retain_graph_is_an_error_mentioning_retain_graph():
+    x = leaf([1.0, 2.0])
+    y = (x * x).sum()
+    y.backward()
+    with pytest.raises(RuntimeError, match="retain_graph"):
+        y.backward()
+    np.testing.assert_array_equal(x.grad, [2.0, 4.0])  # the failed call added nothing
+
+
+def test_backward_twice_through_a_graph_without_saved_arrays_is_also_refused():
+    x = leaf([1.0, 2.0])
+    y = (x + 1.0).sum()
+    y.backward()
+    with pytest.raises(RuntimeError, match="retain_graph"):
+        y.backward()
+
+
+def test_retain_graph_allows_a_second_backward_and_grads_add():
+    x = leaf([1.0, 2.0])
+    y = (x * x).sum()
+    y.backward(retain_graph=True)
+    y.backward()
+    np.testing.assert_array_equal(x.grad, [4.0, 8.0])
+
+
+def test_backward_on_tensor_that_does_not_require_grad():
+    with pytest.raises(RuntimeError, match="require"):
+        tm.tensor([1.0]).backward()
+
+
+# ----- no_grad -----------------------------------------------------------------------------------------------
+class RecordingMul(tm.Function):
+    """a * b that keeps its context, so a test can see what was saved."""
+
+    contexts = []
+
+    @staticmethod
+    def forward(ctx, a, b):
+        RecordingMul.contexts.append(ctx)
+        ctx.save_for_backward(a, b)
+        return a * b
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b = ctx.saved_tensors
+        return grad * b, grad * a
+
+
+def test_no_grad_records_no_graph():
+    x = leaf([1.0, 2.0])
+    with tm.no_grad():
+        assert tm.is_grad_enabled() is False
+        y = (x * 2.0 + 1.0).sum()
+    assert tm.is_grad_enabled() is True
+    assert y.requires_grad is False and y.is_leaf and y._node is None
+    with pytest.raises(RuntimeError):
+        y.backward()
+    assert x.grad is None
+
+
+def test_no_grad_saves_nothing_in_the_context():
+    RecordingMul.contexts = []
+    a, b = leaf([1.0, 2.0]), leaf([3.0, 4.0])
+    with tm.no_grad():
+        out = RecordingMul.apply(a, b)
+    (ctx,) = RecordingMul.contexts
+    assert ctx.saved_tensors == ()
+    assert ctx.requires_grad is False
+    np.testing.assert_array_equal(out.numpy(), [3.0, 8.0])
+    # control: with grad enabled the same op keeps both inputs
+    RecordingMul.contexts = []
+    RecordingMul.apply(a, b)
+    (ctx,) = RecordingMul.contexts
+    assert len(ctx.saved_tensors) == 2 and ctx.requires_grad is True
+
+
+def _weak_inputs_of_a_product(record):
+    """Multiply two big fresh tensors, drop our references to them, return (output, weakrefs to their arrays)."""
+    a = leaf(np.ones(100_000))
+    b = leaf(np.full(100_000, 2.0))
+    refs = (weakref.ref(a.data), weakref.ref(b.data))
+    if record:
+        out = a * b
+    else:
+        with tm.no_grad():
+            out = a * b
+    del a, b
+    gc.collect()
+    return out, refs
+
+
+def test_no_grad_output_keeps_no_input_array_alive():
+    out, refs = _weak_inputs_of_a_product(record=False)
+    assert all(ref() is None for ref in refs), "an output made under no_grad still holds its inputs"
+    assert out.numpy()[0] == 2.0
+    recorded, recorded_refs = _weak_inputs_of_a_product(record=True)
+    assert all(ref() is not None for ref in recorded_refs)  # control: the probe sees what a graph keeps
+
+
+class SquareSavingAnIntermediate(tm.Function):
+    """out = x**2 computed as x * x; saves a fresh array 2x (not an input, not the output) for backward."""
+
+    saved_refs = []
+
+    @staticmethod
+    def forward(ctx, x):
+        twice = 2.0 * x
+        SquareSavingAnIntermediate.saved_refs.append(weakref.ref(twice))
+        ctx.save_for_backward(twice)
+        return x * x
+
+    @staticmethod
+    def backward(ctx, grad):
+        (twice,) = ctx.saved_tensors
+        return grad * twice
+
+
+def test_saved_arrays_live_until_the_last_backward_and_never_under_no_grad():
+    SquareSavingAnIntermediate.saved_refs = []
+    x = leaf(np.arange(1000.0))
+    with tm.no_grad():
+        unrecorded = SquareSavingAnIntermediate.apply(x)
+    gc.collect()
+    assert SquareSavingAnIntermediate.saved_refs[-1]() is None, "no_grad kept a saved array"
+    np.testing.assert_array_equal(unrecorded.numpy(), np.arange(1000.0) ** 2)
+
+    out = SquareSavingAnIntermediate.apply(x)
+    saved = SquareSavingAnIntermediate.saved_refs[-1]
+    gc.collect()
+    assert saved() is not None                      # kept for backward
+    out.sum().backward(retain_graph=True)
+    gc.collect()
+    assert saved() is not None                      # retain_graph keeps it
+    out.sum().backward()
+    gc.collect()
+    assert saved() is None, "backward() without retain_graph left a saved array alive"
+    np.testing.assert_array_equal(x.grad, 2 * 2.0 * np.arange(1000.0))
+
+
+def test_holding_the_loss_after_backward_does_not_keep_activations_alive():
+    x = leaf(np.ones(100_000))
+    hidden = x * 2.0            # an activation: the data of a non-leaf tensor
+    shifted = hidden + 1.0      # Add saves nothing
+    loss = shifted.sum()
+    activation = weakref.ref(hidden.data)
+    del hidden, shifted
+    loss.backward()
+    gc.collect()
+    assert loss.item() == 300_000.0
+    assert activation() is None, "the loss still holds an activation array after backward()"
+
+
+def test_inputs_without_requires_grad_are_not_saved_even_with_grad_enabled():
+    RecordingMul.contexts = []
+    a, b = leaf([1.0], requires_grad=False), leaf([2.0], requires_grad=False)
+    out = RecordingMul.apply(a, b)
+    assert RecordingMul.contexts[0].saved_tensors == ()
+    assert out._node is None and not out.requires_grad
+
+
+def test_no_grad_restores_state_after_an_exception_and_nests():
+    with pytest.raises(KeyError):
+        with tm.no_grad():
+            raise KeyError("boom")
+    assert tm.is_grad_enabled()
+    with tm.no_grad():
+        with tm.no_grad():
+            pass
+        assert not tm.is_grad_enabled()   # the inner exit restores the outer state, not True
+    assert tm.is_grad_enabled()
+
+
+def test_no_grad_as_decorator():
+    @tm.no_grad()
+    def double(t):
+        """Doubles."""
+        assert not tm.is_grad_enabled()
+        return t * 2.0
+
+    out = double(leaf([1.0]))
+    assert not out.requires_grad and out._node is None
+    assert tm.is_grad_enabled()
+    assert double.__name__ == "double" and double.__doc__ == "Doubles."
+
+
+def test_no_grad_is_per_thread():
+    seen = {}
+
+    def other_thread():
+        seen["enabled"] = tm.is_grad_enabled()
+        seen["records"] = (leaf([1.0]) * 2.0).requires_grad
+
+    with tm.no_grad():
+        worker = threading.Thread(target=other_thread)
+        worker.start()
+        worker.join()
+    assert seen == {"enabled": True, "records": True}
+
+
+# ----- deep graphs -------------------------------------------------------------------------------------------
+def test_backward_through_a_100k_deep_chain_does_not_recurse():
+    depth = 100_000
+    x = leaf([1.0, 2.0])
+    y = x
+    for _ in range(depth):
+        y = -y                          # an even number of negations: dy/dx = 1
+    y = y * 3.0
+    y.sum().backward()
+    np.testing.assert_array_equal(x.grad, [3.0, 3.0])
+    del y
+    gc.collect()                        # tearing down the deep graph must not crash either
+
+
+def test_deep_chain_with_a_second_use_of_the_leaf_at_every_step():
+    depth = 2_000
+    x = leaf([0.5])
+    y = x * 0.0
+    for _ in range(depth):
+        y = y + x                       # y = depth * x after the loop
+    y.backward(np.array([1.0]))
+    np.testing.assert_array_equal(x.grad, [float(depth)])

@@ -1,0 +1,29 @@
+"""tinymoe: a small Mixture-of-Experts engine over NumPy (CPU) and CuPy (GPU), every backward hand-written."""
+from .engine import (
+    BackendUnavailableError,
+    Context,
+    DeviceMismatchError,
+    Function,
+    GradcheckError,
+    Tensor,
+    cuda_available,
+    gradcheck,
+    is_grad_enabled,
+    no_grad,
+    numba_available,
+    ones,
+    rand,
+    randn,
+    tensor,
+    zeros,
+)
+
+from . import functional, io, kernels, nn  # noqa: E402  (NumPy-only imports)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendUnavailableError", "Context", "DeviceMismatchError", "Function", "GradcheckError", "Tensor",
+    "cuda_available", "gradcheck", "is_grad_enabled", "no_grad", "numba_available", "ones", "rand", "randn",
+    "tensor", "zeros", "functional", "io", "kernels", "nn", "__version__",
+]

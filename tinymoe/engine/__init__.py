@@ -1,0 +1,13 @@
+"""The engine: arrays from a swappable backend, Tensors, Functions with hand-written backward, gradcheck."""
+from .autograd import is_grad_enabled, no_grad
+from .backend import BackendUnavailableError, cuda_available, numba_available
+from .creation import ones, rand, randn, zeros
+from .function import Context, DeviceMismatchError, Function
+from .gradcheck import GradcheckError, gradcheck
+from .tensor import Tensor, tensor
+
+__all__ = [
+    "BackendUnavailableError", "Context", "DeviceMismatchError", "Function", "GradcheckError", "Tensor",
+    "cuda_available", "gradcheck", "is_grad_enabled", "no_grad", "numba_available", "ones", "rand", "randn",
+    "tensor", "zeros",
+]

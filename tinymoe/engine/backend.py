@@ -1,0 +1,139 @@
+"""Array backends: NumPy on "cpu", CuPy on "cuda".
+
+The array module `xp` always comes from the data (`array_module(array)`), never from a global switch.
+`import tinymoe` imports NumPy only; CuPy and Numba are imported the first time they are asked for,
+and asking for a missing one raises `BackendUnavailableError` naming the package to install.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+import numpy as np
+
+DEVICES = ("cpu", "cuda")
+FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+
+
+class BackendUnavailableError(ImportError):
+    """An optional backend (CuPy, Numba, a CUDA device) was asked for and is not there."""
+
+
+_cupy_module = None
+_numba_module = None
+
+
+def import_cupy():
+    """Return the `cupy` module, importing it on first use; raise a clear error if it cannot be used."""
+    global _cupy_module
+    if _cupy_module is None:
+        try:
+            cupy = importlib.import_module("cupy")
+        except ImportError as error:
+            raise BackendUnavailableError(
+                "device='cuda' needs CuPy, which is not installed: "
+                "pip install 'tinymoe[cuda12]' (CUDA 12) or 'tinymoe[cuda13]' (CUDA 13)"
+            ) from error
+        try:
+            device_count = cupy.cuda.runtime.getDeviceCount()
+        except Exception as error:  # CuPy raises its own CUDARuntimeError when no driver is present
+            raise BackendUnavailableError(f"CuPy is installed but no CUDA device is usable: {error}") from error
+        if device_count == 0:
+            raise BackendUnavailableError("CuPy is installed but reports no CUDA device")
+        _cupy_module = cupy
+    return _cupy_module
+
+
+def import_numba():
+    """Return the `numba` module, importing it on first use; raise a clear error if it is missing."""
+    global _numba_module
+    if _numba_module is None:
+        try:
+            _numba_module = importlib.import_module("numba")
+        except ImportError as error:
+            raise BackendUnavailableError(
+                "the Numba kernels need numba, which is not installed: pip install 'tinymoe[numba]'"
+            ) from error
+    return _numba_module
+
+
+def cuda_available() -> bool:
+    """True when CuPy imports and sees at least one CUDA device."""
+    try:
+        import_cupy()
+    except BackendUnavailableError:
+        return False
+    return True
+
+
+def numba_available() -> bool:
+    try:
+        import_numba()
+    except BackendUnavailableError:
+        return False
+    return True
+
+
+def _is_cupy_array(array) -> bool:
+    # Only look if CuPy was imported by someone: a NumPy-only program never pays for the import.
+    cupy = sys.modules.get("cupy")
+    return cupy is not None and isinstance(array, cupy.ndarray)
+
+
+def array_module(array):
+    """The module (`numpy` or `cupy`) that owns `array`; plain Python data counts as NumPy."""
+    if _is_cupy_array(array):
+        return sys.modules["cupy"]
+    return np
+
+
+def device_of(array) -> str:
+    return "cuda" if _is_cupy_array(array) else "cpu"
+
+
+def module_for_device(device: str):
+    device = normalize_device(device)
+    return import_cupy() if device == "cuda" else np
+
+
+def normalize_device(device) -> str:
+    """Accept "cpu", "cuda" or "cuda:0" (one GPU is supported); return "cpu" or "cuda"."""
+    if device is None:
+        return "cpu"
+    if isinstance(device, str):
+        name = device.strip().lower()
+        if name in DEVICES:
+            return name
+        if name == "cuda:0":
+            return "cuda"
+    raise ValueError(f"device={device!r} is not supported; expected 'cpu' or 'cuda'")
+
+
+def normalize_dtype(dtype, device: str = "cpu", argument: str = "dtype") -> np.dtype:
+    """A floating dtype for tensors: float32, float64, or float16 on CUDA only."""
+    try:
+        resolved = np.dtype(dtype)
+    except TypeError as error:
+        raise TypeError(f"{argument}={dtype!r} is not a dtype; expected 'float32', 'float64' or 'float16'") from error
+    if resolved not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{argument}={resolved.name} is not supported: tensors hold float32, float64 or float16 (CUDA) data; "
+            "integer indices are passed as plain arrays"
+        )
+    if resolved == np.float16 and device != "cuda":
+        raise TypeError(f"{argument}=float16 is allowed only with device='cuda' (got device={device!r})")
+    return resolved
+
+
+def to_device(array, device: str):
+    """Copy `array` to `device` ("cpu" or "cuda"); no copy when it is already there."""
+    device = normalize_device(device)
+    if device_of(array) == device:
+        return array
+    if device == "cuda":
+        return import_cupy().asarray(array)
+    return sys.modules["cupy"].asnumpy(array)
+
+
+def to_numpy(array) -> np.ndarray:
+    return to_device(array, "cpu") if _is_cupy_array(array) else np.asarray(array)

@@ -1,0 +1,110 @@
+"""Argument checks shared by the public functions: bad input becomes an early error that names the op, the
+argument, its value and what was expected, instead of a bare IndexError from deep inside NumPy."""
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+from .backend import device_of, module_for_device
+from .function import DeviceMismatchError
+from .tensor import Tensor
+
+
+def describe(value) -> str:
+    """A short description of an argument for error messages (arrays by type, shape and dtype)."""
+    if isinstance(value, Tensor):
+        return f"a {value.dtype.name} Tensor of shape {value.shape}"
+    if hasattr(value, "shape") and hasattr(value, "dtype"):
+        return f"a {value.dtype} {type(value).__name__} of shape {tuple(value.shape)}"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def require_tensor(value, argument: str, op: str, ndim: int | None = None) -> Tensor:
+    """`value` itself when it is a floating Tensor (with `ndim` axes, if given); a clear error otherwise."""
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{op}: {argument} must be a Tensor, got {describe(value)}; wrap arrays with tinymoe.tensor()")
+    if value.dtype.kind != "f":
+        raise TypeError(f"{op}: {argument} must be a floating Tensor, got {describe(value)}")
+    if ndim is not None and value.ndim != ndim:
+        raise ValueError(f"{op}: {argument} must have {ndim} dimension(s), got shape {value.shape}")
+    return value
+
+
+def require_same_dtype(op: str, **tensors) -> None:
+    """All named tensors share one dtype (NumPy would silently promote float32 with float64)."""
+    (first_name, first), *rest = tensors.items()
+    for name, tensor in rest:
+        if tensor.dtype != first.dtype:
+            raise TypeError(
+                f"{op}: {name} is {tensor.dtype.name} but {first_name} is {first.dtype.name}; "
+                "cast one of them with .astype()"
+            )
+
+
+def require_number(value, argument: str, op: str, low=None, high=None) -> float:
+    """`value` as a Python float (so it never promotes float32 data), checked against [low, high]."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not np.isfinite(float(value)):
+        raise TypeError(f"{op}: {argument}={value!r} must be a finite real number")
+    value = float(value)
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise ValueError(f"{op}: {argument}={value!r} must be {_bounds(low, high)}")
+    return value
+
+
+def require_int(value, argument: str, op: str, low=None, high=None) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{op}: {argument}={value!r} must be an int")
+    value = int(value)
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise ValueError(f"{op}: {argument}={value} must be {_bounds(low, high)}")
+    return value
+
+
+def normalize_axis(axis, ndim: int, op: str, argument: str = "axis") -> int:
+    """One axis in [-ndim, ndim) as a non-negative int."""
+    if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
+        raise TypeError(f"{op}: {argument}={axis!r} must be an int")
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"{op}: {argument}={axis} is out of range for an input with {ndim} dimension(s)")
+    return int(axis) % ndim
+
+
+def as_index_array(indices, argument: str, op: str, device: str | None = None):
+    """`indices` as an integer array on `device` (default: where `indices` already live).
+
+    Tensors hold floats, so they are refused; lists and scalars are converted; an array on another device
+    raises DeviceMismatchError naming both.
+    """
+    if isinstance(indices, Tensor):
+        raise TypeError(f"{op}: {argument} must be an integer array (NumPy or CuPy), got {describe(indices)}")
+    source = device_of(indices)
+    if device is None:
+        device = source
+    elif hasattr(indices, "dtype") and source != device:
+        raise DeviceMismatchError(f"{op}: {argument} is on {source!r} but the tensor it indexes is on {device!r}")
+    array = module_for_device(device).asarray(indices)
+    if array.dtype.kind not in "iu":
+        if array.size == 0 and not hasattr(indices, "dtype"):  # [] converts to float64
+            return array.astype(np.int64)
+        raise TypeError(f"{op}: {argument} must hold integers, got {describe(array)}")
+    return array
+
+
+def check_index_range(indices, upper: int, argument: str, op: str, ignore_index=None) -> None:
+    """IndexError unless every index lies in [0, upper) (or equals `ignore_index` when one is given)."""
+    in_range = (indices >= 0) & (indices < upper)
+    if ignore_index is not None:
+        in_range |= indices == ignore_index
+    # One device-to-host sync on CUDA: a bad index must fail here, not gather garbage or fault later.
+    if not bool(in_range.all()):
+        first_bad = int(indices[~in_range].reshape(-1)[0])
+        ignored = f" or equal ignore_index={ignore_index}" if ignore_index is not None else ""
+        raise IndexError(f"{op}: {argument} holds {first_bad}; every entry must lie in [0, {upper}){ignored}")
+
+
+def _bounds(low, high) -> str:
+    if low is not None and high is not None:
+        return f"in [{low}, {high}]"
+    return f">= {low}" if low is not None else f"<= {high}"

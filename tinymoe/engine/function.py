@@ -1,0 +1,111 @@
+"""`Function`: how every op is written — a forward on raw arrays and a hand-written backward beside it.
+
+    class Cube(Function):
+        @staticmethod
+        def forward(ctx, x):          # x is an array of the input's module; ctx.xp is that module
+            ctx.save_for_backward(x)
+            return x ** 3
+        @staticmethod
+        def backward(ctx, grad):      # one gradient per tensor input, None where there is none
+            (x,) = ctx.saved_tensors
+            return 3 * x ** 2 * grad
+
+    y = Cube.apply(t)
+
+`apply` unwraps Tensor arguments to arrays (other arguments pass through unchanged), checks that every
+tensor is on one device, runs `forward`, wraps its floating outputs as Tensors and, when a gradient is
+wanted, records a graph node. `forward` may return one array or a tuple; floating arrays become Tensors
+(differentiable, and `backward` receives one gradient for each of them, in order), anything else (integer
+indices, Python values) is returned as it is.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .autograd import Node, is_grad_enabled
+from .backend import array_module
+
+
+class DeviceMismatchError(ValueError):
+    """Tensors on different devices were given to one op."""
+
+
+class Context:
+    """Per-call scratch space shared by one forward and its backward.
+
+    `xp`: the array module of the inputs. `needs_input_grad`: one bool per tensor input.
+    `requires_grad`: True when a backward may follow; forwards can skip backward-only work when it is False.
+    Attributes set on the context (`ctx.axis = axis`) are kept for backward, like saved arrays.
+    """
+
+    def __init__(self, xp, needs_input_grad, requires_grad):
+        self.xp = xp
+        self.needs_input_grad = needs_input_grad
+        self.requires_grad = requires_grad
+        self.saved_tensors = ()
+
+    def save_for_backward(self, *arrays):
+        """Keep arrays for backward; under no_grad (or with no differentiable input) nothing is kept."""
+        if self.requires_grad:
+            self.saved_tensors = arrays
+
+
+class Function:
+    """Base class of every op. Subclasses define static `forward(ctx, ...)` and `backward(ctx, *grads)`."""
+
+    @staticmethod
+    def forward(ctx, *args, **kwargs):
+        raise NotImplementedError
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise NotImplementedError
+
+    @classmethod
+    def apply(cls, *args, **kwargs):
+        tensors = [arg for arg in args if isinstance(arg, Tensor)]
+        if not tensors:
+            raise TypeError(f"{cls.__name__}.apply needs at least one Tensor argument")
+        for name, value in kwargs.items():
+            if isinstance(value, Tensor):
+                raise TypeError(f"{cls.__name__}.apply: keyword argument {name!r} is a Tensor; pass tensors positionally")
+        device = tensors[0].device
+        for position, tensor in enumerate(tensors[1:], start=1):
+            if tensor.device != device:
+                raise DeviceMismatchError(
+                    f"{cls.__name__}: tensor input 0 is on {device!r} but tensor input {position} is on "
+                    f"{tensor.device!r}; move them to one device with .to()"
+                )
+        needs_input_grad = tuple(tensor.requires_grad for tensor in tensors)
+        record = is_grad_enabled() and any(needs_input_grad)
+        ctx = Context(array_module(tensors[0].data), needs_input_grad, record)
+
+        raw_args = [arg.data if isinstance(arg, Tensor) else arg for arg in args]
+        result = cls.forward(ctx, *raw_args, **kwargs)
+
+        single = not isinstance(result, tuple)
+        items = (result,) if single else result
+        wrapped, differentiable = [], []
+        for item in items:
+            if isinstance(item, np.generic) and item.dtype.kind == "f":
+                item = np.asarray(item)  # NumPy reductions return scalars; a Tensor holds an ndarray
+            if _is_float_array(item):
+                tensor = Tensor(item, requires_grad=record)
+                differentiable.append(tensor)
+                wrapped.append(tensor)
+            else:
+                wrapped.append(item)
+        if record and differentiable:
+            node = Node(cls, ctx, tuple(tensors), differentiable)
+            for index, tensor in enumerate(differentiable):
+                tensor._node = node
+                tensor._output_index = index
+        return wrapped[0] if single else tuple(wrapped)
+
+
+def _is_float_array(value) -> bool:
+    dtype = getattr(value, "dtype", None)
+    return dtype is not None and hasattr(value, "shape") and dtype.kind == "f"
+
+
+from .tensor import Tensor  # noqa: E402  (tensor.py imports this module's users; Tensor is needed only at call time)

@@ -1,0 +1,98 @@
+"""Scaled dot-product attention (Vaswani et al. 2017) as one Function with a hand-written backward.
+
+    S = scale · Q Kᵀ (masked),  P = softmax(S, -1),  O = P V
+    dV = Pᵀ dO;  dP = dO Vᵀ;  dS = P ⊙ (dP − rowsum(dP ⊙ P));  dQ = scale · dS K;  dK = scale · dSᵀ Q
+
+Causal masking is aligned to the end of the keys: query i (of Lq) may attend key j (of Lk) when
+j <= i + (Lk − Lq). With Lq == Lk this is the usual lower triangle (torch's is_causal); with Lq < Lk the
+queries are the last Lq positions of the sequence (decoding with a KV cache). torch's is_causal aligns to
+the start instead, which differs only when Lq != Lk. A query that may attend no key (Lq > Lk, first rows)
+gets a zero output and zero gradient rather than NaN.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..engine.basic_ops import unbroadcast
+from ..engine.function import Function
+from ..engine.tensor import Tensor
+from ..engine.checks import require_number, require_same_dtype, require_tensor
+
+
+def _causal_mask(xp, query_len: int, key_len: int):
+    """(Lq, Lk) bool: True where query i may attend key j, i.e. j <= i + (Lk − Lq)."""
+    last_visible_key = xp.arange(query_len)[:, None] + (key_len - query_len)
+    return xp.arange(key_len)[None, :] <= last_visible_key
+
+
+class ScaledDotProductAttention(Function):
+    """O = softmax(scale · Q Kᵀ [+ causal mask]) V.  q (..., Lq, D), k (..., Lk, D), v (..., Lk, Dv) -> (..., Lq, Dv)
+
+    Backward: see the module docstring. Batch axes broadcast; their gradients are un-broadcast.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal, scale):
+        xp = ctx.xp
+        scores = (q @ k.swapaxes(-1, -2)) * scale
+        if causal:
+            scores = xp.where(_causal_mask(xp, q.shape[-2], k.shape[-2]), scores, -xp.inf)
+        # Stable softmax; rows with every key masked (max = −inf) shift by 0 and divide by 1, giving P = 0.
+        peak = scores.max(axis=-1, keepdims=True)
+        weights = xp.exp(scores - xp.where(xp.isfinite(peak), peak, 0))
+        total = weights.sum(axis=-1, keepdims=True)
+        probs = weights / xp.where(total > 0, total, 1)
+        ctx.save_for_backward(q, k, v, probs)
+        ctx.scale = scale
+        return probs @ v
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, probs = ctx.saved_tensors
+        grad_q = grad_k = grad_v = None
+        if ctx.needs_input_grad[2]:
+            grad_v = unbroadcast(probs.swapaxes(-1, -2) @ grad_out, v.shape)
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            grad_probs = grad_out @ v.swapaxes(-1, -2)
+            grad_scores = probs * (grad_probs - (grad_probs * probs).sum(axis=-1, keepdims=True))
+            if ctx.needs_input_grad[0]:
+                grad_q = unbroadcast((grad_scores @ k) * ctx.scale, q.shape)
+            if ctx.needs_input_grad[1]:
+                grad_k = unbroadcast((grad_scores.swapaxes(-1, -2) @ q) * ctx.scale, k.shape)
+        return grad_q, grad_k, grad_v
+
+
+def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale=None) -> Tensor:
+    """softmax(scale · q kᵀ) v with scale = 1/sqrt(D) by default; causal masking aligned to the end.
+
+    q (..., Lq, D), k (..., Lk, D), v (..., Lk, Dv) -> (..., Lq, Dv); the batch axes (...) broadcast.
+    """
+    op = "scaled_dot_product_attention"
+    for name, tensor in (("q", q), ("k", k), ("v", v)):
+        require_tensor(tensor, name, op)
+        if tensor.ndim < 2:
+            raise ValueError(f"{op}: {name} must have shape (..., L, D) with at least 2 axes, got shape {tensor.shape}")
+    require_same_dtype(op, q=q, k=k, v=v)
+    if k.shape[-1] != q.shape[-1]:
+        raise ValueError(f"{op}: k has shape {k.shape} but q has shape {q.shape}; their last axes (D) must match")
+    if v.shape[-2] != k.shape[-2]:
+        raise ValueError(f"{op}: v has shape {v.shape} but k has shape {k.shape}; their key axes (Lk) must match")
+    if k.shape[-2] == 0:
+        raise ValueError(f"{op}: k has shape {k.shape}: there must be at least one key")
+    try:
+        np.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    except ValueError:
+        raise ValueError(
+            f"{op}: the batch axes of q {q.shape[:-2]}, k {k.shape[:-2]} and v {v.shape[:-2]} do not broadcast"
+        ) from None
+    if not isinstance(causal, bool):
+        raise TypeError(f"{op}: causal={causal!r} must be a bool")
+    if scale is None:
+        if q.shape[-1] == 0:
+            raise ValueError(f"{op}: q has shape {q.shape}; the default scale 1/sqrt(D) needs D >= 1")
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    else:
+        scale = require_number(scale, "scale", op)
+    return ScaledDotProductAttention.apply(q, k, v, causal, scale)

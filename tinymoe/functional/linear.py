@@ -1,0 +1,81 @@
+"""linear (x @ weight.T + bias, torch's weight layout) and matmul (batched, broadcast)."""
+from __future__ import annotations
+
+import numpy as np
+
+from ..engine.function import Function
+from ..engine.tensor import Tensor
+from ..engine.checks import require_same_dtype, require_tensor
+
+
+class Linear(Function):
+    """y = x @ Wᵀ + b;  x (..., in), W (out, in), b (out,) or None -> y (..., out)
+
+    dx = g @ W;  dW = Σ_rows gᵀ x (rows: every leading index of x);  db = Σ_rows g
+    """
+
+    # Leading axes are flattened so that each product is one 2-D GEMM (NumPy loops over stacked matrices).
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        y = (x.reshape(-1, x.shape[-1]) @ weight.T).reshape(*x.shape[:-1], weight.shape[0])
+        return y + bias if bias is not None else y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        out_features, in_features = weight.shape
+        grad_rows = grad.reshape(-1, out_features)
+        grad_x = (grad_rows @ weight).reshape(x.shape) if ctx.needs_input_grad[0] else None
+        grad_weight = grad_rows.T @ x.reshape(-1, in_features) if ctx.needs_input_grad[1] else None
+        if not ctx.has_bias:
+            return grad_x, grad_weight
+        grad_bias = grad_rows.sum(axis=0) if ctx.needs_input_grad[2] else None
+        return grad_x, grad_weight, grad_bias
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x @ weight.T + bias.  x (..., in), weight (out, in), bias (out,) or None -> (..., out)."""
+    require_tensor(x, "x", "linear")
+    require_tensor(weight, "weight", "linear")
+    if x.ndim == 0:
+        raise ValueError("linear: x is 0-d; it must have shape (..., in_features)")
+    if weight.ndim != 2 or weight.shape[1] != x.shape[-1]:
+        raise ValueError(
+            f"linear: weight has shape {weight.shape} but x of shape {x.shape} needs weight of shape "
+            f"(out_features, {x.shape[-1]})"
+        )
+    require_same_dtype("linear", x=x, weight=weight)
+    if bias is not None:
+        require_tensor(bias, "bias", "linear")
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"linear: bias has shape {bias.shape}, expected ({weight.shape[0]},) to match weight")
+        require_same_dtype("linear", x=x, bias=bias)
+    return Linear.apply(x, weight, bias)
+
+
+def matmul(a: Tensor, b: Tensor) -> Tensor:
+    """NumPy matmul a @ b: batch axes broadcast, 1-D operands promoted to a row / column and squeezed after.
+
+    Gradients (Tensor's MatMul): da = g @ bᵀ, db = aᵀ @ g, un-broadcast over the batch axes.
+    """
+    require_tensor(a, "a", "matmul")
+    require_tensor(b, "b", "matmul")
+    for name, operand in (("a", a), ("b", b)):
+        if operand.ndim == 0:
+            raise ValueError(f"matmul: {name} is 0-d; matmul needs at least one axis (use * for scalars)")
+    contracted_b = b.shape[0] if b.ndim == 1 else b.shape[-2]
+    if a.shape[-1] != contracted_b:
+        raise ValueError(
+            f"matmul: a has shape {a.shape} and b has shape {b.shape}; a's last axis ({a.shape[-1]}) must equal "
+            f"b's {'only' if b.ndim == 1 else 'second-to-last'} axis ({contracted_b})"
+        )
+    try:
+        np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    except ValueError:
+        raise ValueError(
+            f"matmul: the batch axes of a {a.shape[:-2]} and b {b.shape[:-2]} do not broadcast"
+        ) from None
+    require_same_dtype("matmul", a=a, b=b)
+    return a @ b

@@ -1,0 +1,94 @@
+"""Mixtral-format weights for an MoE layer.
+
+Accepted names (after an optional common prefix such as "model.layers.0.block_sparse_moe."):
+  per expert (Mixtral checkpoints):  gate.weight (E, d); experts.{i}.w1.weight (ff, d);
+                                     experts.{i}.w3.weight (ff, d); experts.{i}.w2.weight (d, ff)
+  fused (transformers >= 5):         gate.weight; experts.gate_up_proj (E, 2·ff, d), gate rows first;
+                                     experts.down_proj (E, d, ff)
+They map onto tinymoe's router.weight, experts.w1, experts.w3, experts.w2 without transposes.
+"""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from ..engine.backend import to_device
+
+_ROUTER = "gate.weight"
+_FUSED = ("experts.gate_up_proj", "experts.down_proj")
+_PER_EXPERT = re.compile(r"experts\.(\d+)\.(w1|w2|w3)\.weight$")
+
+
+def _common_prefix(state_dict, prefix):
+    if prefix is not None:
+        return prefix
+    prefixes = sorted({key[: -len(_ROUTER)] for key in state_dict if key.endswith(_ROUTER)})
+    if not prefixes:
+        raise KeyError(f"load_mixtral: no '{_ROUTER}' key found (keys start with {sorted(state_dict)[:5]})")
+    if len(prefixes) > 1:
+        raise ValueError(f"load_mixtral: several layers in this state dict ({prefixes}); pass prefix= to pick one")
+    return prefixes[0]
+
+
+def _check_layer(moe):
+    if moe.experts.activation != "swiglu" or moe.router.kind not in ("softmax", "noisy", "sigmoid"):
+        raise ValueError(
+            f"load_mixtral: Mixtral layers are token-choice SwiGLU layers; this one has "
+            f"activation={moe.experts.activation!r}, router={moe.router.kind!r}"
+        )
+
+
+def mixtral_arrays(moe, state_dict, prefix=None) -> dict:
+    """{"router.weight", "experts.w1", "experts.w3", "experts.w2"} as NumPy arrays, checked against `moe`."""
+    _check_layer(moe)
+    prefix = _common_prefix(state_dict, prefix)
+    own = {key[len(prefix):]: value for key, value in state_dict.items() if key.startswith(prefix)}
+    n_experts, d_model, d_ff = moe.n_experts, moe.d_model, moe.experts.d_ff
+    expected_shapes = {_ROUTER: (n_experts, d_model)}
+    if any(key in own for key in _FUSED):
+        expected_shapes.update({_FUSED[0]: (n_experts, 2 * d_ff, d_model), _FUSED[1]: (n_experts, d_model, d_ff)})
+    else:
+        for expert in range(n_experts):
+            expected_shapes[f"experts.{expert}.w1.weight"] = (d_ff, d_model)
+            expected_shapes[f"experts.{expert}.w3.weight"] = (d_ff, d_model)
+            expected_shapes[f"experts.{expert}.w2.weight"] = (d_model, d_ff)
+    missing = [prefix + key for key in expected_shapes if key not in own]
+    unexpected = [prefix + key for key in own if key not in expected_shapes]
+    if missing or unexpected:
+        raise KeyError(f"load_mixtral: missing keys {missing}, unexpected keys {unexpected}")
+    arrays = {key: np.asarray(value) for key, value in own.items()}
+    wrong = [f"{prefix}{key}: got {arrays[key].shape}, expected {shape}"
+             for key, shape in expected_shapes.items() if arrays[key].shape != shape]
+    if wrong:
+        raise ValueError("load_mixtral: shape mismatch for " + "; ".join(wrong))
+    if _FUSED[0] in arrays:
+        gate_up = arrays[_FUSED[0]]
+        w1, w3, w2 = gate_up[:, :d_ff], gate_up[:, d_ff:], arrays[_FUSED[1]]
+    else:
+        stack = lambda name: np.stack([arrays[f"experts.{e}.{name}.weight"] for e in range(n_experts)])  # noqa: E731
+        w1, w3, w2 = stack("w1"), stack("w3"), stack("w2")
+    return {"router.weight": arrays[_ROUTER], "experts.w1": w1, "experts.w3": w3, "experts.w2": w2}
+
+
+def load_mixtral(moe, state_dict, prefix=None) -> None:
+    """Copy Mixtral-format weights into `moe` (cast to its dtypes, moved to its device). All keys are checked
+    before anything is written."""
+    arrays = mixtral_arrays(moe, state_dict, prefix)
+    targets = {"router.weight": moe.router.weight, "experts.w1": moe.experts.w1,
+               "experts.w3": moe.experts.w3, "experts.w2": moe.experts.w2}
+    for name, parameter in targets.items():
+        parameter.data = to_device(np.ascontiguousarray(arrays[name], dtype=parameter.dtype), parameter.device)
+        parameter.grad = None
+
+
+def mixtral_state_dict(moe) -> dict:
+    """The layer's weights under Mixtral's per-expert names, as NumPy arrays."""
+    _check_layer(moe)
+    state = {_ROUTER: moe.router.weight.numpy().copy()}
+    w1, w3, w2 = moe.experts.w1.numpy(), moe.experts.w3.numpy(), moe.experts.w2.numpy()
+    for expert in range(moe.n_experts):
+        state[f"experts.{expert}.w1.weight"] = w1[expert].copy()
+        state[f"experts.{expert}.w3.weight"] = w3[expert].copy()
+        state[f"experts.{expert}.w2.weight"] = w2[expert].copy()
+    return state

@@ -1,0 +1,168 @@
+"""The router: how tokens choose experts (or experts choose tokens), with its auxiliary losses.
+
+    z = x_r Wᵀ                      logits (T, E), x_r = x · U(1−j, 1+j) in training (Switch jitter)
+    "softmax"        top-k of softmax(z)                 Shazeer et al. 2017; Switch (k=1); Mixtral (k=2)
+    "noisy"          top-k of softmax(z + ε·σ(x Wnᵀ))    Shazeer et al. 2017 (noise in training only)
+    "sigmoid"        top-k of σ(z) + bias                DeepSeek-V3, auxiliary-loss-free balance
+    "expert_choice"  each expert its top-C tokens        Zhou et al. 2022
+
+Capacity: token choice keeps C = ceil(capacity_factor · T · k / E) assignments per expert (None = dropless);
+expert choice takes C = ceil(capacity_factor · T / E) tokens per expert (capacity_factor None means k).
+The router computes in float32 at least (float64 when the layer is float64), whatever the layer's dtype.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+
+import numpy as np
+
+from .. import functional as F
+from ..engine.backend import to_numpy
+from ..engine.checks import require_int
+from ..engine.random import as_generator, standard_normal, uniform
+from ..engine.tensor import Tensor
+from . import init
+from .gating import ExpertChoice, NoisyLogits, SigmoidTopK, SoftmaxTopK
+from .module import Module
+from .router_losses import ImportanceLoss, LoadBalanceLoss, NoisyLoadLoss, ZLoss
+
+ROUTERS = ("softmax", "noisy", "sigmoid", "expert_choice")
+
+
+@dataclass
+class Routing:
+    """What the router decided for one batch of T tokens."""
+
+    expert_ids: object           # (T, K) int; for expert choice K = E and expert_ids[t, e] = e
+    weights: Tensor              # (T, K) combine weights (router dtype)
+    valid: object                # (T, K) bool of the assignments that exist (expert choice), or None
+    capacity: int | None         # rows each expert keeps (None = dropless)
+    probs: Tensor                # (T, E) router distribution for the load-balance loss
+    logits: Tensor               # (T, E) router logits (before noise)
+    requested_per_expert: object  # (E,) int assignments per expert before capacity
+    aux_loss: Tensor
+    z_loss: Tensor
+    importance_loss: Tensor | None = None
+    load_loss: Tensor | None = None
+
+
+def _real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _positive_finite(value) -> bool:
+    return _real(value) and value > 0
+
+
+def router_dtype(dtype) -> np.dtype:
+    """float64 layers route in float64; float32 and float16 layers route in float32."""
+    return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
+
+
+class Router(Module):
+    """Parameters: weight (E, d) (U(±1/sqrt(d))); noise_weight (E, d) for "noisy" (zeros, as in Shazeer et al.);
+    buffer bias (E,) for "sigmoid" (the aux-free balance bias, updated by `update_bias`, never by gradients).
+    """
+
+    def __init__(self, d_model, n_experts, top_k=2, kind="softmax", normalize_top_k=True, capacity_factor=None,
+                 jitter=0.0, bias_update_rate=None, dtype="float32", device="cpu", generator=None):
+        super().__init__()
+        if kind not in ROUTERS:
+            raise ValueError(f"router={kind!r} is not supported; expected one of {ROUTERS}")
+        self.d_model = require_int(d_model, "d_model", "Router", low=1)
+        self.n_experts = require_int(n_experts, "n_experts", "Router", low=1)
+        self.top_k = require_int(top_k, "top_k", "Router", low=1)
+        if self.top_k > self.n_experts:
+            raise ValueError(f"top_k={top_k} must be at most n_experts={n_experts}")
+        if kind == "noisy" and self.top_k == self.n_experts:
+            raise ValueError(f"router='noisy' needs top_k < n_experts (got top_k={top_k}, n_experts={n_experts})")
+        if capacity_factor is not None and not _positive_finite(capacity_factor):
+            raise ValueError(f"capacity_factor={capacity_factor!r} must be a positive finite number or None (dropless)")
+        if not (_real(jitter) and 0.0 <= jitter < 1.0):
+            raise ValueError(f"jitter={jitter!r} must be a number in [0, 1)")
+        if bias_update_rate is not None and not _positive_finite(bias_update_rate):
+            raise ValueError(f"bias_update_rate={bias_update_rate!r} must be a positive finite number or None")
+        if bias_update_rate is not None and kind != "sigmoid":
+            raise ValueError(f"bias_update_rate applies to router='sigmoid' only (got router={kind!r})")
+        self.kind, self.normalize_top_k = kind, bool(normalize_top_k)
+        self.capacity_factor = None if capacity_factor is None else float(capacity_factor)
+        self.jitter = float(jitter)
+        self.bias_update_rate = None if bias_update_rate is None else float(bias_update_rate)
+        self.generator = as_generator(generator)
+        compute_dtype = router_dtype(dtype)
+        bound = 1 / math.sqrt(self.d_model)
+        self.weight = init.uniform((self.n_experts, self.d_model), bound, self.generator, compute_dtype, device)
+        if kind == "noisy":
+            self.noise_weight = init.constant((self.n_experts, self.d_model), 0.0, compute_dtype, device)
+        if kind == "sigmoid":
+            self.register_buffer("bias", self.weight.xp.zeros(self.n_experts, dtype=compute_dtype))
+        self.last_load = None  # numpy (E,): assignments per expert in the last training forward
+
+    def capacity(self, n_tokens: int):
+        if self.kind == "expert_choice":
+            factor = self.top_k if self.capacity_factor is None else self.capacity_factor
+            return min(n_tokens, max(1, math.ceil(factor * n_tokens / self.n_experts)))
+        if self.capacity_factor is None:
+            return None
+        return math.ceil(self.capacity_factor * n_tokens * self.top_k / self.n_experts)
+
+    def forward(self, x, layer_name="MoE"):
+        """x (T, d) → Routing. Raises FloatingPointError naming `layer_name` if the logits are not finite."""
+        xp, n_tokens = x.xp, x.shape[0]
+        routed_input = x.astype(self.weight.dtype)
+        if self.training and self.jitter > 0:
+            noise = uniform(self.generator, routed_input.shape, xp, routed_input.dtype, 1 - self.jitter, 1 + self.jitter)
+            routed_input = routed_input * Tensor(noise)
+        logits = F.linear(routed_input, self.weight)
+        if not bool(xp.isfinite(logits.data).all()):
+            raise FloatingPointError(
+                f"{layer_name}: router logits are not finite (NaN or inf); check the input and the router weights"
+            )
+        capacity = self.capacity(n_tokens)
+        valid = importance_loss = load_loss = None
+        if self.kind == "softmax":
+            probs, weights, expert_ids = SoftmaxTopK.apply(logits, self.top_k, self.normalize_top_k)
+        elif self.kind == "noisy":
+            noise_logits = F.linear(routed_input, self.noise_weight)
+            shape = tuple(logits.shape)
+            noise = standard_normal(self.generator, shape, xp, logits.dtype) if self.training else xp.zeros(shape, logits.dtype)
+            noisy = NoisyLogits.apply(logits, noise_logits, noise)
+            probs, weights, expert_ids = SoftmaxTopK.apply(noisy, self.top_k, self.normalize_top_k)
+            importance_loss = ImportanceLoss.apply(weights, expert_ids, self.n_experts)
+            load_loss = NoisyLoadLoss.apply(logits, noise_logits, noise, self.top_k)
+        elif self.kind == "sigmoid":
+            probs, weights, expert_ids = SigmoidTopK.apply(logits, self.bias, self.top_k, self.normalize_top_k)
+        else:
+            probs, weights, expert_ids, valid = ExpertChoice.apply(logits, capacity)
+            capacity = None  # the selection already is the capacity
+
+        counted = expert_ids if valid is None else expert_ids[valid]
+        requested = xp.bincount(counted.reshape(-1), minlength=self.n_experts)
+        fraction = (requested / max(int(counted.size), 1)).astype(logits.dtype)
+        if self.training and self.kind == "sigmoid":
+            self.last_load = to_numpy(requested).astype(np.int64)
+            if self.bias_update_rate is not None:
+                self.update_bias()
+        return Routing(
+            expert_ids=expert_ids, weights=weights, valid=valid, capacity=capacity, probs=probs, logits=logits,
+            requested_per_expert=requested, aux_loss=LoadBalanceLoss.apply(probs, fraction),
+            z_loss=ZLoss.apply(logits), importance_loss=importance_loss, load_loss=load_loss,
+        )
+
+    def update_bias(self, rate=None) -> None:
+        """DeepSeek-V3's balance step: bias_e += u · sign(mean load − load_e), load from the last training forward."""
+        if self.kind != "sigmoid":
+            raise ValueError(f"update_bias() applies to router='sigmoid' only (this router is {self.kind!r})")
+        rate = self.bias_update_rate if rate is None else rate
+        if rate is None or not rate > 0:
+            raise ValueError(f"update_bias needs a positive rate (got {rate!r}); pass rate= or set bias_update_rate")
+        if self.last_load is None:
+            raise RuntimeError("update_bias() needs a training-mode forward first (it balances the load it saw)")
+        load = self.last_load.astype(np.float64)
+        step = rate * np.sign(load.mean() - load)
+        self.bias = self.bias + self.weight.xp.asarray(step, dtype=self.bias.dtype)
+
+    def extra_repr(self):
+        return f"{self.kind!r}, d_model={self.d_model}, n_experts={self.n_experts}, top_k={self.top_k}"
