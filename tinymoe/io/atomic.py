@@ -7,6 +7,12 @@ import os
 import tempfile
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_write(path, mode: str = "wb"):
     """Yield a file object for a temporary file that replaces `path` only if the block finishes."""
@@ -14,6 +20,7 @@ def atomic_write(path, mode: str = "wb"):
     directory = os.path.dirname(os.path.abspath(path))
     descriptor, temporary = tempfile.mkstemp(prefix=".tmp-", suffix="-" + os.path.basename(path), dir=directory)
     try:
+        os.chmod(temporary, 0o666 & ~_current_umask())  # mkstemp makes 0600; a plain open() honours the umask
         with os.fdopen(descriptor, mode) as handle:
             yield handle
             handle.flush()

@@ -166,27 +166,31 @@ __device__ void swiglu_impl(const T* a, const T* b, T* h, long long n) {
     }
 }
 
-// da = g * b * s * (1 + a * (1 - s)), db = g * a * s with s = sigma(a).
+// da = g * b * s * (1 + a * (1 - s)), db = g * a * s and h = a * s * b, with s = sigma(a).
 template <int W>
-__device__ void swiglu_backward_impl(const T* a, const T* b, const T* grad_h, T* grad_a, T* grad_b, long long n) {
+__device__ void swiglu_backward_impl(const T* a, const T* b, const T* grad_h, T* grad_a, T* grad_b, T* h,
+                                     long long n) {
     const Vec<W>* a_vec = reinterpret_cast<const Vec<W>*>(a);
     const Vec<W>* b_vec = reinterpret_cast<const Vec<W>*>(b);
     const Vec<W>* g_vec = reinterpret_cast<const Vec<W>*>(grad_h);
     Vec<W>* da_vec = reinterpret_cast<Vec<W>*>(grad_a);
     Vec<W>* db_vec = reinterpret_cast<Vec<W>*>(grad_b);
+    Vec<W>* h_vec = reinterpret_cast<Vec<W>*>(h);
     const long long stride = (long long)gridDim.x * blockDim.x;
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += stride) {
         const Vec<W> av = a_vec[i], bv = b_vec[i], gv = g_vec[i];
-        Vec<W> da, db;
+        Vec<W> da, db, hv;
         #pragma unroll
         for (int k = 0; k < W; ++k) {
             const A gate = to_acc(av.v[k]), up = to_acc(bv.v[k]), g = to_acc(gv.v[k]);
             const A s = sigmoid_acc(gate);
             db.v[k] = from_acc(g * (gate * s));
             da.v[k] = from_acc(g * up * s * (A(1) + gate * (A(1) - s)));
+            hv.v[k] = from_acc(gate * s * up);
         }
         da_vec[i] = da;
         db_vec[i] = db;
+        h_vec[i] = hv;
     }
 }
 
@@ -204,8 +208,8 @@ ENTRY(combine_weights_grad, (const T* grad_out, const T* y, const long long* ind
 ENTRY(sum_segments, (const T* values, const long long* starts, const long long* order, T* out, long long n_rows,
       long long width), (values, starts, order, out, n_rows, width))
 ENTRY(swiglu, (const T* a, const T* b, T* h, long long n), (a, b, h, n))
-ENTRY(swiglu_backward, (const T* a, const T* b, const T* grad_h, T* grad_a, T* grad_b, long long n),
-      (a, b, grad_h, grad_a, grad_b, n))
+ENTRY(swiglu_backward, (const T* a, const T* b, const T* grad_h, T* grad_a, T* grad_b, T* h, long long n),
+      (a, b, grad_h, grad_a, grad_b, h, n))
 """
 
 _modules = {}    # dtype name -> cupy.RawModule
@@ -345,10 +349,11 @@ def swiglu(a, b):
 
 
 def swiglu_backward(a, b, grad_h):
-    """da = g · b · σ(a)·(1 + a·(1 − σ(a))),  db = g · a·σ(a)."""
+    """(da, db, h): da = g · b · σ(a)·(1 + a·(1 − σ(a))), db = g · a·σ(a), h = a·σ(a)·b, in one pass."""
     cupy = import_cupy()
     dtype, shape = cupy.result_type(a, b, grad_h), a.shape
     a, b, grad_h = (cupy.ascontiguousarray(array, dtype=dtype) for array in (a, b, grad_h))
-    grad_a, grad_b = cupy.empty(a.shape, dtype=dtype), cupy.empty(a.shape, dtype=dtype)
-    _launch_elements("swiglu_backward", dtype, a.size, (a, b, grad_h, grad_a, grad_b), (a, b, grad_h, grad_a, grad_b))
-    return grad_a.reshape(shape), grad_b.reshape(shape)
+    grad_a, grad_b, h = (cupy.empty(a.shape, dtype=dtype) for _ in range(3))
+    buffers = (a, b, grad_h, grad_a, grad_b, h)
+    _launch_elements("swiglu_backward", dtype, a.size, buffers, buffers)
+    return grad_a.reshape(shape), grad_b.reshape(shape), h.reshape(shape)

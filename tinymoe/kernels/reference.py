@@ -111,9 +111,11 @@ def swiglu(a, b):
 
 
 def swiglu_backward(a, b, grad_h):
-    """da = g · b · σ(a)·(1 + a·(1 − σ(a))),  db = g · a·σ(a)."""
+    """(da, db, h): da = g · b · σ(a)·(1 + a·(1 − σ(a))), db = g · a·σ(a), and h = a·σ(a)·b itself, from
+    the same σ(a) (the experts' backward needs h for dw2; returning it saves a second pass)."""
     xp = array_module(a)
     sigma = _sigmoid(xp, a)
-    grad_b = grad_h * (a * sigma)
+    silu = a * sigma
+    grad_b = grad_h * silu
     grad_a = grad_h * b * sigma * (1 + a * (1 - sigma))
-    return grad_a, grad_b
+    return grad_a, grad_b, silu * b

@@ -22,7 +22,7 @@ PRIMITIVES = (
     "combine_weights_grad",  # dw[t, j] = <g[t], y[index[t, j]]>
     "scatter_add_rows",      # out[n] = sum_{i: index[i] = n} values[i], deterministic
     "swiglu",                # silu(a) * b
-    "swiglu_backward",       # (da, db) of silu(a) * b
+    "swiglu_backward",       # (da, db, h) of h = silu(a) * b, one pass
 )
 CHOICES = ("auto", "numpy", "numba", "cupy")
 

@@ -29,50 +29,57 @@ def _blocks(offsets):
             yield expert, start, stop
 
 
+def _zero_idle(grads, offsets):
+    """Zero the weight gradients of experts that got no rows (the others are overwritten whole)."""
+    for expert in range(len(offsets) - 1):
+        if int(offsets[expert + 1]) == int(offsets[expert]):
+            for grad in grads:
+                grad[expert] = 0
+
+
 class SwiGLUExperts(Function):
     """y[rows of e] = (silu(x w1[e]ᵀ) ⊙ x w3[e]ᵀ) w2[e]ᵀ for each expert e.
 
-    Saves a = x w1ᵀ and b = x w3ᵀ (h = silu(a)⊙b is recomputed in backward: one elementwise pass instead of
-    keeping another (M, ff) array). Backward per expert block, with dh = dy w2[e]:
-    dw2[e] = dyᵀ h;  (da, db) = swiglu'(a, b; dh);  dw1[e] = daᵀ x;  dw3[e] = dbᵀ x;  dx = da w1[e] + db w3[e].
+    Works one expert block at a time and saves only a = x w1ᵀ and b = x w3ᵀ per block (none under no_grad);
+    h = silu(a)⊙b comes back from the backward kernel's single pass over (a, b). Block-sized temporaries
+    are also what the allocator can reuse from step to step (whole (M, ff) arrays are fresh pages each time).
+    Backward per expert block, with dh = dy w2[e]:
+    (da, db, h) = swiglu'(a, b; dh);  dw2[e] = dyᵀ h;  dw1[e] = daᵀ x;  dw3[e] = dbᵀ x;  dx = da w1[e] + db w3[e].
     """
 
     @staticmethod
     def forward(ctx, xs, w1, w3, w2, offsets):
         xp = ctx.xp
-        rows, hidden = xs.shape[0], w1.shape[1]
-        gate, up = xp.empty((rows, hidden), xs.dtype), xp.empty((rows, hidden), xs.dtype)
+        swiglu = kernel("swiglu", xs)
+        out = xp.empty((xs.shape[0], w2.shape[1]), xs.dtype)
+        saved = []
         for expert, start, stop in _blocks(offsets):
-            xp.matmul(xs[start:stop], w1[expert].T, out=gate[start:stop])
-            xp.matmul(xs[start:stop], w3[expert].T, out=up[start:stop])
-        activated = kernel("swiglu", xs)(gate, up)
-        out = xp.empty((rows, w2.shape[1]), xs.dtype)
-        for expert, start, stop in _blocks(offsets):
-            xp.matmul(activated[start:stop], w2[expert].T, out=out[start:stop])
-        ctx.save_for_backward(xs, w1, w3, w2, gate, up)
+            x_block = xs[start:stop]
+            gate, up = x_block @ w1[expert].T, x_block @ w3[expert].T
+            xp.matmul(swiglu(gate, up), w2[expert].T, out=out[start:stop])
+            if ctx.requires_grad:
+                saved.append((expert, start, stop, gate, up))
+        ctx.save_for_backward(xs, w1, w3, w2, saved)
         ctx.offsets = offsets
         return out
 
     @staticmethod
     def backward(ctx, grad):
         xp = ctx.xp
-        xs, w1, w3, w2, gate, up = ctx.saved_tensors
-        activated = kernel("swiglu", xs)(gate, up)
-        grad_activated = xp.empty_like(gate)
-        grad_w1, grad_w3, grad_w2 = xp.zeros_like(w1), xp.zeros_like(w3), xp.zeros_like(w2)
-        for expert, start, stop in _blocks(ctx.offsets):
-            xp.matmul(grad[start:stop], w2[expert], out=grad_activated[start:stop])
-            xp.matmul(grad[start:stop].T, activated[start:stop], out=grad_w2[expert])
-        del activated
-        grad_gate, grad_up = kernel("swiglu_backward", xs)(gate, up, grad_activated)
-        grad_xs = xp.zeros_like(xs) if ctx.needs_input_grad[0] else None
-        for expert, start, stop in _blocks(ctx.offsets):
-            x_block = xs[start:stop]
-            xp.matmul(grad_gate[start:stop].T, x_block, out=grad_w1[expert])
-            xp.matmul(grad_up[start:stop].T, x_block, out=grad_w3[expert])
+        xs, w1, w3, w2, saved = ctx.saved_tensors
+        swiglu_backward = kernel("swiglu_backward", xs)
+        grad_w1, grad_w3, grad_w2 = xp.empty_like(w1), xp.empty_like(w3), xp.empty_like(w2)
+        _zero_idle((grad_w1, grad_w3, grad_w2), ctx.offsets)
+        grad_xs = xp.empty_like(xs) if ctx.needs_input_grad[0] else None
+        for expert, start, stop, gate, up in saved:
+            x_block, grad_block = xs[start:stop], grad[start:stop]
+            grad_gate, grad_up, activated = swiglu_backward(gate, up, grad_block @ w2[expert])
+            xp.matmul(grad_block.T, activated, out=grad_w2[expert])
+            xp.matmul(grad_gate.T, x_block, out=grad_w1[expert])
+            xp.matmul(grad_up.T, x_block, out=grad_w3[expert])
             if grad_xs is not None:
-                xp.matmul(grad_gate[start:stop], w1[expert], out=grad_xs[start:stop])
-                grad_xs[start:stop] += grad_up[start:stop] @ w3[expert]
+                xp.matmul(grad_gate, w1[expert], out=grad_xs[start:stop])
+                grad_xs[start:stop] += grad_up @ w3[expert]
         return grad_xs, grad_w1, grad_w3, grad_w2
 
 

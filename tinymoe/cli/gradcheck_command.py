@@ -1,0 +1,27 @@
+"""`tinymoe gradcheck`: run the float64 gradient checks of every op and layer here, print a table."""
+from __future__ import annotations
+
+from .train_command import _check_device
+
+
+def add_parser(commands) -> None:
+    parser = commands.add_parser("gradcheck", help="check every hand-written gradient on this machine",
+                                 description=__doc__)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.set_defaults(run=run_gradcheck)
+
+
+def run_gradcheck(args) -> int:
+    from ..selfcheck import run_all
+
+    _check_device(args.device)
+    results = run_all(args.device)
+    width = max(len(result.name) for result in results)
+    print(f"{'check':<{width}}  result  seconds")
+    for result in results:
+        status = "ok" if result.passed else "FAILED"
+        line = f"{result.name:<{width}}  {status:<6}  {result.seconds:7.2f}"
+        print(line + (f"  {result.detail}" if result.detail else ""))
+    failed = [result.name for result in results if not result.passed]
+    print(f"{len(results) - len(failed)} passed, {len(failed)} failed (float64, device={args.device})")
+    return 1 if failed else 0

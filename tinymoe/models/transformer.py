@@ -1,0 +1,196 @@
+"""`MoETransformer`: a small decoder-only language model whose feed-forward blocks are MoE layers.
+
+    h_0 = E[tokens] + P[positions]
+    h   = h + Attention(RMSNorm(h))        causal multi-head self-attention
+    h   = h + FFN(RMSNorm(h))              an MoE layer, or a dense SwiGLU block, per layer
+    logits = RMSNorm(h) Eᵀ                  output head tied to the token embedding
+
+    loss = cross_entropy + Σ_layers (aux_coef · aux + z_coef · z [+ noisy_coef · (importance + load)])
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+
+import numpy as np
+
+from .. import functional as F
+from ..engine.autograd import no_grad
+from ..engine.checks import require_int
+from ..engine.random import as_generator
+from ..engine.tensor import Tensor
+from ..nn import Dropout, Embedding, Linear, Module, ModuleList, MoE, RMSNorm, SwiGLU
+
+
+@dataclass
+class TransformerConfig:
+    vocab_size: int
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    max_seq_len: int = 64
+    d_ff: int = 128                 # hidden width of each expert (and of a dense block: d_ff · top_k)
+    n_experts: int = 4
+    top_k: int = 2
+    moe_layers: list = field(default_factory=lambda: ["all"])  # layer indices with an MoE block, or ["all"]
+    router: str = "softmax"
+    normalize_top_k: bool = True
+    capacity_factor: float | None = None
+    n_shared_experts: int = 0
+    jitter: float = 0.0
+    bias_update_rate: float | None = None
+    activation: str = "swiglu"
+    aux_coef: float = 0.01
+    z_coef: float = 0.001
+    noisy_coef: float = 0.01
+    dropout: float = 0.0
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "d_ff", "n_experts", "top_k"):
+            require_int(getattr(self, name), name, "TransformerConfig", low=1)
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
+        layers = self.moe_layer_indices()
+        bad = [index for index in layers if not 0 <= index < self.n_layers]
+        if bad:
+            raise ValueError(f"moe_layers={self.moe_layers!r} names layers {bad} outside 0..{self.n_layers - 1}")
+        for name in ("aux_coef", "z_coef", "noisy_coef"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be non-negative")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout={self.dropout!r} must be in [0, 1)")
+
+    def moe_layer_indices(self) -> list:
+        if list(self.moe_layers) == ["all"]:
+            return list(range(self.n_layers))
+        return sorted(int(index) for index in self.moe_layers)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TransformerConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown model config keys {sorted(unknown)}")
+        return cls(**values)
+
+
+class CausalSelfAttention(Module):
+    """Multi-head attention: q, k, v = x Wqᵀ, x Wkᵀ, x Wvᵀ split into heads; softmax(q kᵀ/√dh + causal) v; Wo."""
+
+    def __init__(self, d_model, n_heads, dtype, device, generator):
+        super().__init__()
+        self.n_heads, self.head_dim = n_heads, d_model // n_heads
+        self.query = Linear(d_model, d_model, bias=False, dtype=dtype, device=device, generator=generator)
+        self.key = Linear(d_model, d_model, bias=False, dtype=dtype, device=device, generator=generator)
+        self.value = Linear(d_model, d_model, bias=False, dtype=dtype, device=device, generator=generator)
+        self.out = Linear(d_model, d_model, bias=False, dtype=dtype, device=device, generator=generator)
+
+    def _heads(self, x, batch, length):
+        return x.reshape(batch, length, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)
+
+    def forward(self, x):
+        batch, length, width = x.shape
+        q, k, v = (self._heads(projection(x), batch, length) for projection in (self.query, self.key, self.value))
+        attended = F.scaled_dot_product_attention(q, k, v, causal=True)
+        return self.out(attended.transpose(0, 2, 1, 3).reshape(batch, length, width))
+
+
+class Block(Module):
+    def __init__(self, config: TransformerConfig, index: int, device, generator):
+        super().__init__()
+        c = config
+        self.attention_norm = RMSNorm(c.d_model, dtype=c.dtype, device=device)
+        self.attention = CausalSelfAttention(c.d_model, c.n_heads, c.dtype, device, generator)
+        self.ffn_norm = RMSNorm(c.d_model, dtype=c.dtype, device=device)
+        self.is_moe = index in c.moe_layer_indices()
+        if self.is_moe:
+            self.ffn = MoE(c.d_model, c.d_ff, c.n_experts, c.top_k, c.activation, c.router, c.normalize_top_k,
+                           c.capacity_factor, c.n_shared_experts, c.jitter, c.bias_update_rate, c.dtype, device,
+                           seed=generator, name=f"blocks.{index}.ffn")
+        else:  # dense block with the active width of the MoE layers: top_k experts of width d_ff
+            self.ffn = SwiGLU(c.d_model, c.d_ff * c.top_k, dtype=c.dtype, device=device, generator=generator)
+        self.dropout = Dropout(c.dropout, generator=generator)
+
+    def forward(self, h):
+        h = h + self.dropout(self.attention(self.attention_norm(h)))
+        return h + self.dropout(self.ffn(self.ffn_norm(h)))
+
+
+class MoETransformer(Module):
+    def __init__(self, config: TransformerConfig, device="cpu", seed=0):
+        super().__init__()
+        self.config = config
+        generator = as_generator(seed, "seed")
+        c = config
+        self.token_embedding = Embedding(c.vocab_size, c.d_model, std=0.02, dtype=c.dtype, device=device,
+                                         generator=generator)
+        self.position_embedding = Embedding(c.max_seq_len, c.d_model, std=0.02, dtype=c.dtype, device=device,
+                                            generator=generator)
+        self.blocks = ModuleList(Block(c, index, device, generator) for index in range(c.n_layers))
+        self.final_norm = RMSNorm(c.d_model, dtype=c.dtype, device=device)
+
+    def moe_layers(self) -> list:
+        return [block.ffn for block in self.blocks if block.is_moe]
+
+    def forward(self, tokens) -> Tensor:
+        """tokens: int array (B, L) with L ≤ max_seq_len → logits (B, L, vocab_size)."""
+        tokens = np.asarray(tokens) if not hasattr(tokens, "__cuda_array_interface__") else tokens
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must be a 2-D integer array (batch, length), got shape {tokens.shape}")
+        length = tokens.shape[1]
+        if length > self.config.max_seq_len:
+            raise ValueError(f"sequence length {length} exceeds max_seq_len={self.config.max_seq_len}")
+        xp = self.token_embedding.weight.xp
+        h = self.token_embedding(xp.asarray(tokens)) + self.position_embedding(xp.arange(length))
+        for block in self.blocks:
+            h = block(h)
+        return F.linear(self.final_norm(h), self.token_embedding.weight)  # tied output head
+
+    def loss(self, tokens, targets):
+        """(total loss, parts): floats "cross_entropy", and "aux", "z", "noisy" averaged over the MoE layers
+        (so aux = 1.0 means balanced); the total sums the weighted losses of every layer."""
+        logits = self.forward(tokens)
+        xp = logits.xp
+        cross_entropy = F.cross_entropy(logits.reshape(-1, self.config.vocab_size), xp.asarray(targets).reshape(-1))
+        total = cross_entropy
+        parts = {"cross_entropy": cross_entropy.item(), "aux": 0.0, "z": 0.0, "noisy": 0.0}
+        c = self.config
+        for layer in self.moe_layers():
+            total = total + c.aux_coef * layer.aux_loss + c.z_coef * layer.z_loss
+            parts["aux"] += layer.aux_loss.item()
+            parts["z"] += layer.z_loss.item()
+            if layer.importance_loss is not None:
+                total = total + c.noisy_coef * (layer.importance_loss + layer.load_loss)
+                parts["noisy"] += layer.importance_loss.item() + layer.load_loss.item()
+        n_moe = max(len(self.moe_layers()), 1)
+        for name in ("aux", "z", "noisy"):
+            parts[name] /= n_moe
+        return total, parts
+
+    @no_grad()
+    def generate(self, prompt, length: int, temperature: float = 1.0, top_k: int | None = None, generator=None):
+        """Sample `length` tokens after `prompt` (a list of ids); returns the new ids. Uses eval mode."""
+        if not temperature > 0:
+            raise ValueError(f"temperature={temperature!r} must be positive")
+        if top_k is not None:
+            require_int(top_k, "top_k", "generate", low=1)
+        generator = as_generator(generator)
+        was_training = self.training
+        self.eval()
+        tokens = list(prompt)
+        try:
+            for _ in range(length):
+                context = np.asarray(tokens[-self.config.max_seq_len:], dtype=np.int64)[None, :]
+                logits = self.forward(context).numpy()[0, -1].astype(np.float64) / temperature
+                if top_k is not None and top_k < logits.size:
+                    logits[logits < np.sort(logits)[-top_k]] = -math.inf
+                probabilities = np.exp(logits - logits.max())
+                probabilities /= probabilities.sum()
+                tokens.append(int(generator.choice(logits.size, p=probabilities)))
+        finally:
+            self.train(was_training)
+        return tokens[len(prompt):]

@@ -1,0 +1,117 @@
+"""`Optimizer`: parameter groups, zero_grad, and a state_dict that a checkpoint can hold."""
+from __future__ import annotations
+
+import numpy as np
+
+from ..engine.backend import to_device, to_numpy
+from ..nn.module import Parameter
+
+
+class Optimizer:
+    """Base class. `params`: Parameters, or dicts {"params": [...], <hyperparameter overrides>} (groups)."""
+
+    def __init__(self, params, defaults: dict):
+        params = list(params)
+        if not params:
+            raise ValueError("the optimizer got an empty parameter list")
+        groups = params if isinstance(params[0], dict) else [{"params": params}]
+        self.defaults = dict(defaults)
+        self.param_groups = []
+        seen = set()
+        for group in groups:
+            unknown = set(group) - set(defaults) - {"params"}
+            if unknown:
+                raise ValueError(f"unknown hyperparameter(s) {sorted(unknown)}; expected {sorted(defaults)}")
+            members = list(group["params"])
+            for parameter in members:
+                if not isinstance(parameter, Parameter):
+                    raise TypeError(f"optimizers update Parameters, got {type(parameter).__name__}")
+                if id(parameter) in seen:
+                    raise ValueError("a parameter appears in more than one group")
+                seen.add(id(parameter))
+            merged = {**self.defaults, **{k: v for k, v in group.items() if k != "params"}, "params": members}
+            self.check_group(merged)
+            self.param_groups.append(merged)
+        self.state = {}      # id(parameter) -> {name: array}
+        self.step_count = 0
+
+    def parameters(self):
+        return [parameter for group in self.param_groups for parameter in group["params"]]
+
+    def zero_grad(self) -> None:
+        for parameter in self.parameters():
+            parameter.grad = None
+
+    def step(self) -> None:
+        self.step_count += 1
+        for group in self.param_groups:
+            for parameter in group["params"]:
+                if parameter.grad is not None:
+                    self._update(parameter, parameter.grad, self.state.setdefault(id(parameter), {}), group)
+
+    def check_group(self, group: dict) -> None:
+        """Raise ValueError naming any hyperparameter of `group` (defaults merged with overrides) out of range."""
+        raise NotImplementedError
+
+    def _update(self, parameter, grad, state, group) -> None:
+        raise NotImplementedError
+
+    # ----- state -------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """{"step_count", "groups": hyperparameters, "state": {position: {name: numpy array}}}.
+
+        State arrays have their parameter's shape; 0-d entries are per-parameter counters (Adam's step)."""
+        positions = {id(parameter): position for position, parameter in enumerate(self.parameters())}
+        return {
+            "step_count": self.step_count,
+            "groups": [{k: v for k, v in group.items() if k != "params"} for group in self.param_groups],
+            "state": {positions[key]: {name: np.array(to_numpy(value)) for name, value in entry.items()}
+                      for key, entry in self.state.items() if key in positions},
+        }
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        parameters = self.parameters()
+        groups = state_dict["groups"]
+        if len(groups) != len(self.param_groups):
+            raise ValueError(f"optimizer state has {len(groups)} parameter group(s), this optimizer {len(self.param_groups)}")
+        new_state = {}
+        for position, entry in state_dict["state"].items():
+            position = int(position)
+            if position >= len(parameters):
+                raise ValueError(f"optimizer state names parameter {position}, but there are {len(parameters)}")
+            parameter = parameters[position]
+            restored = {}
+            for name, value in entry.items():
+                if np.ndim(value) == 0:
+                    restored[name] = np.asarray(value).item()
+                elif np.shape(value) == parameter.shape:
+                    restored[name] = to_device(np.array(value, dtype=parameter.dtype), parameter.device)
+                else:
+                    raise ValueError(f"optimizer state {name!r} of parameter {position} has shape {np.shape(value)}, "
+                                     f"the parameter {parameter.shape}")
+            new_state[id(parameter)] = restored
+        for group, saved in zip(self.param_groups, groups):
+            group.update(saved)
+        self.state, self.step_count = new_state, int(state_dict["step_count"])
+
+    @property
+    def lr(self) -> float:
+        """The first group's learning rate (the only one, unless groups were given)."""
+        return self.param_groups[0]["lr"]
+
+    @lr.setter
+    def lr(self, value: float) -> None:
+        """One learning rate for every group (a schedule that keeps groups' ratios sets group["lr"] instead)."""
+        check_hyperparameters(value)
+        for group in self.param_groups:
+            group["lr"] = value
+
+
+def check_hyperparameters(lr, weight_decay=0.0, **others) -> None:
+    if not (isinstance(lr, (int, float)) and lr > 0):
+        raise ValueError(f"lr={lr!r} must be a positive number")
+    if not (isinstance(weight_decay, (int, float)) and weight_decay >= 0):
+        raise ValueError(f"weight_decay={weight_decay!r} must be a non-negative number")
+    for name, (value, low, high) in others.items():
+        if not (isinstance(value, (int, float)) and low <= value < high):
+            raise ValueError(f"{name}={value!r} must be in [{low}, {high})")
