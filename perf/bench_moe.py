@@ -58,17 +58,21 @@ class Clock:
     def __init__(self, synchronize=None):
         self.synchronize = synchronize or (lambda: None)
 
-    def median_ms(self, step, repeats, warmup=2) -> float:
-        for _ in range(warmup):
-            step()
-        self.synchronize()
-        times = []
+    def interleaved_medians_ms(self, steps: dict, repeats, warmup=2) -> dict:
+        """Median ms of each callable, timed in turns (one call of each per round), so that a machine whose
+        speed drifts during the run (a shared VM) slows every implementation alike."""
+        for step in steps.values():
+            for _ in range(warmup):
+                step()
+        times = {name: [] for name in steps}
         for _ in range(repeats):
-            started = time.perf_counter()
-            step()
-            self.synchronize()
-            times.append(time.perf_counter() - started)
-        return 1e3 * statistics.median(times)
+            for name, step in steps.items():
+                self.synchronize()
+                started = time.perf_counter()
+                step()
+                self.synchronize()
+                times[name].append(time.perf_counter() - started)
+        return {name: 1e3 * statistics.median(values) for name, values in times.items()}
 
 
 # ----- tinymoe ---------------------------------------------------------------------------------------------
@@ -125,11 +129,11 @@ def expert_matmuls_only(problem, shape, counts, xp):
     return step
 
 
-def matmul_rate(xp, size, clock) -> float:
+def square_matmul(xp, size):
+    """A float32 size² product: the machine's matmul rate, 2·size³ FLOP per call."""
     a = xp.asarray(np.random.default_rng(1).standard_normal((size, size)).astype(np.float32))
     b = a.T.copy()
-    milliseconds = clock.median_ms(lambda: a @ b, repeats=5)
-    return 2.0 * size**3 / (milliseconds / 1e3) / 1e9
+    return lambda: a @ b
 
 
 # ----- PyTorch peers ---------------------------------------------------------------------------------------
@@ -224,7 +228,10 @@ def _cuda_peak(implementation, run):
 
 def measure_memory(implementation, shape_name, mode, device):
     command = [sys.executable, __file__, "--memory-child", implementation, shape_name, mode, "--device", device]
-    result = subprocess.run(command, capture_output=True, text=True)
+    # glibc keeps freed blocks resident and raises its mmap threshold as big blocks come and go, so a second
+    # step would reuse the first one's pages and hide its peak; a fixed threshold returns them on free().
+    environment = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(1 << 17), MALLOC_TRIM_THRESHOLD_=str(1 << 17))
+    result = subprocess.run(command, capture_output=True, text=True, env=environment)
     if result.returncode:
         return f"failed: {result.stderr.strip().splitlines()[-1] if result.stderr.strip() else result.returncode}"
     return f"{float(result.stdout.strip()):.0f} MiB"
@@ -235,7 +242,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--shapes", default=None, help="comma-separated names (default: cpu-small on cpu, all on cuda)")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--memory", action="store_true", help="also measure peak memory (fresh processes)")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     parser.add_argument("--memory-child", nargs=3, help=argparse.SUPPRESS)
@@ -253,27 +260,31 @@ def main():
     else:
         xp, clock, matmul_size = np, Clock(), 2048
     names = args.shapes.split(",") if args.shapes else (["cpu-small"] if args.device == "cpu" else list(SHAPES))
-    rate = matmul_rate(xp, matmul_size, clock)
     kernels = tm.kernels.chosen(args.device)
-    print(f"device {args.device}, kernels {kernels!r}, float32 {matmul_size}² matmul: {rate:.0f} GFLOP/s")
+    print(f"device {args.device}, kernels {kernels!r}; every row timed in turns with the others "
+          f"({args.repeats} rounds, median)")
     results = []
     for name in names:
         shape = SHAPES[name]
         problem = make_problem(shape)
         moe, step, forward_only = tinymoe_step(problem, shape, args.device)
-        rows = {"tinymoe": clock.median_ms(step, args.repeats)}
-        counts = moe.stats.tokens_per_expert
-        rows["expert matmuls alone"] = clock.median_ms(expert_matmuls_only(problem, shape, counts, xp), args.repeats)
+        step()
+        steps = {"tinymoe": step,
+                 "expert matmuls alone": expert_matmuls_only(problem, shape, moe.stats.tokens_per_expert, xp)}
+        peer_steps = {peer: peer_step for peer, (peer_step, _) in torch_steps(problem, shape, args.device).items()}
+        matmul = f"{matmul_size}² matmul"
+        rows = clock.interleaved_medians_ms({**steps, **peer_steps, matmul: square_matmul(xp, matmul_size)},
+                                            args.repeats)
+        rate = 2.0 * matmul_size**3 / (rows.pop(matmul) / 1e3) / 1e9
         reference = np.asarray(step().numpy(), dtype=np.float64)
         agreement = {}
-        for peer, (peer_step, _) in torch_steps(problem, shape, args.device).items():
-            rows[peer] = clock.median_ms(peer_step, args.repeats)
+        for peer, peer_step in peer_steps.items():
             peer_out = peer_step().detach().cpu().numpy().astype(np.float64)
             agreement[peer] = float(np.abs(peer_out - reference).max() / np.abs(reference).max())
         peers = [value for key, value in rows.items() if key.startswith("torch")]
         best_peer = min(peers) if peers else None
         print(f"\n{name}: T={shape[0]} d={shape[1]} ff={shape[2]} E={shape[3]} k={shape[4]}, "
-              f"{flops(shape) / 1e9:.1f} GFLOP per step")
+              f"{flops(shape) / 1e9:.1f} GFLOP per step; float32 {matmul}: {rate:.0f} GFLOP/s")
         print(f"  {'implementation':<26}{'ms':>9}{'GFLOP/s':>10}{'of matmul':>11}{'vs best peer':>14}")
         for key, milliseconds in rows.items():
             gflops = flops(shape) / (milliseconds / 1e3) / 1e9

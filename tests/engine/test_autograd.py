@@ -72,6 +72,44 @@ def test_leaf_grad_is_writable_after_a_broadcast_backward():
     assert x.grad[0, 0] == 7.0 and x.grad[1, 1] == 1.0
 
 
+class _Scale(tm.Function):
+    """y = 2x, whose backward returns the same new array for both uses of `returned`."""
+
+    @staticmethod
+    def forward(ctx, x, y):
+        return 2 * x + 2 * y
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.returned = 2 * grad
+        return ctx.returned, ctx.returned
+
+
+class _FreshScale(_Scale):
+    fresh_gradients = True
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.returned = (2 * grad, 2 * grad)
+        return ctx.returned
+
+
+def test_leaf_grads_are_copies_unless_the_function_promises_fresh_arrays():
+    x, y = leaf([1.0, 2.0]), leaf([3.0, 4.0])
+    node_output = _Scale.apply(x, y)
+    context = node_output._node.ctx
+    node_output.sum().backward()
+    assert x.grad is not context.returned and y.grad is not context.returned
+    x.grad += 1.0  # an optimizer's in-place update of one leaf's grad leaves the other alone
+    np.testing.assert_array_equal(y.grad, [2.0, 2.0])
+
+    x, y = leaf([1.0, 2.0]), leaf([3.0, 4.0])
+    node_output = _FreshScale.apply(x, y)
+    context = node_output._node.ctx
+    node_output.sum().backward()
+    assert x.grad is context.returned[0] and y.grad is context.returned[1]  # taken over, not copied
+
+
 def test_scalar_leaf_grad_is_an_ndarray():
     x = leaf(3.0)
     (x * x).backward()

@@ -90,11 +90,11 @@ def _nodes_in_topological_order(root_node):
     return order
 
 
-def _accumulate_leaf(tensor, grad):
-    # A fresh array: a backward may return the same array for two inputs, or a read-only broadcast view.
+def _accumulate_leaf(tensor, grad, owned=False):
+    # Unless `owned`, copy: a backward may return the same array for two inputs, or a read-only broadcast view.
     xp = array_module(grad)
     if tensor.grad is None:
-        tensor.grad = xp.array(grad, dtype=tensor.dtype, copy=True)
+        tensor.grad = grad if owned else xp.array(grad, dtype=tensor.dtype, copy=True)
     else:
         tensor.grad = xp.asarray(tensor.grad + grad)
 
@@ -136,10 +136,12 @@ def backward(root, grad, retain_graph: bool = False):
         for position, (edge, input_grad) in enumerate(zip(node.edges, input_grads)):
             if input_grad is None or edge is None:
                 continue
-            input_grad = _checked_gradient(node, position, edge, input_grad)
+            checked = _checked_gradient(node, position, edge, input_grad)
             if edge.leaf is not None:
-                _accumulate_leaf(edge.leaf, input_grad)
+                owned = node.function.fresh_gradients or checked is not input_grad  # a cast copies too
+                _accumulate_leaf(edge.leaf, checked, owned)
             else:
+                input_grad = checked
                 slots = pending.setdefault(id(edge.node), [None] * len(edge.node.output_meta))
                 previous = slots[edge.index]
                 slots[edge.index] = input_grad if previous is None else previous + input_grad

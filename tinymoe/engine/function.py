@@ -51,7 +51,13 @@ class Context:
 
 
 class Function:
-    """Base class of every op. Subclasses define static `forward(ctx, ...)` and `backward(ctx, *grads)`."""
+    """Base class of every op. Subclasses define static `forward(ctx, ...)` and `backward(ctx, *grads)`.
+
+    `fresh_gradients = True` promises that backward returns newly allocated arrays, a different one per
+    input, kept nowhere else; a leaf's `.grad` then takes them as they are instead of a copy.
+    """
+
+    fresh_gradients = False
 
     @staticmethod
     def forward(ctx, *args, **kwargs):

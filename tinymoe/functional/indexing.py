@@ -19,6 +19,8 @@ class Embedding(Function):
     indices (...) integer, weight (V, D) -> out (..., D).
     """
 
+    fresh_gradients = True
+
     @staticmethod
     def forward(ctx, indices, weight):
         ctx.indices, ctx.weight_shape = indices, weight.shape

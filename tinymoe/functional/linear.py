@@ -15,6 +15,8 @@ class Linear(Function):
     """
 
     # Leading axes are flattened so that each product is one 2-D GEMM (NumPy loops over stacked matrices).
+    fresh_gradients = True
+
     @staticmethod
     def forward(ctx, x, weight, bias):
         ctx.save_for_backward(x, weight)

@@ -47,6 +47,8 @@ class SwiGLUExperts(Function):
     (da, db, h) = swiglu'(a, b; dh);  dw2[e] = dyᵀ h;  dw1[e] = daᵀ x;  dw3[e] = dbᵀ x;  dx = da w1[e] + db w3[e].
     """
 
+    fresh_gradients = True
+
     @staticmethod
     def forward(ctx, xs, w1, w3, w2, offsets):
         xp = ctx.xp
@@ -100,6 +102,8 @@ class MLPExperts(Function):
     Backward: dpre = (dy w2[e]) ⊙ act'(pre); dw2 = dyᵀ act(pre); db2 = Σ dy; dw1 = dpreᵀ x; db1 = Σ dpre;
     dx = dpre w1[e].
     """
+
+    fresh_gradients = True
 
     @staticmethod
     def forward(ctx, xs, w1, b1, w2, b2, offsets, activation):
