@@ -222,7 +222,10 @@ def test_trainer_rejects_inconsistent_configs(data, tmp_path):
 
 @pytest.mark.parametrize("overrides, name", [(dict(steps=0), "steps"), (dict(batch_size=0), "batch_size"),
                                              (dict(eval_every=0), "eval_every"), (dict(lr=0.0), "lr"),
-                                             (dict(min_lr=1.0, lr=0.1), "min_lr"), (dict(steps=2.5), "steps")])
+                                             (dict(min_lr=1.0, lr=0.1), "min_lr"), (dict(steps=2.5), "steps"),
+                                             (dict(warmup_steps=-1), "warmup_steps=-1"),
+                                             (dict(weight_decay=-0.1), "weight_decay=-0.1"),
+                                             (dict(grad_clip=0.0), "grad_clip=0.0")])
 def test_train_config_rejects_bad_values(overrides, name):
     with pytest.raises(ValueError, match=name):
         TrainConfig(**overrides)

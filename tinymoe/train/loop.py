@@ -53,8 +53,11 @@ class TrainConfig:
                 raise ValueError(f"{name}={value!r} must be a positive integer")
         if not (self.lr > 0 and 0 <= self.min_lr <= self.lr):
             raise ValueError(f"need lr > 0 and 0 <= min_lr <= lr (got lr={self.lr}, min_lr={self.min_lr})")
-        if self.warmup_steps < 0 or self.grad_clip <= 0 or self.weight_decay < 0:
-            raise ValueError("warmup_steps and weight_decay must be >= 0 and grad_clip > 0")
+        for name, value, ok in (("warmup_steps", self.warmup_steps, self.warmup_steps >= 0),
+                                ("weight_decay", self.weight_decay, self.weight_decay >= 0),
+                                ("grad_clip", self.grad_clip, self.grad_clip > 0)):
+            if not ok:
+                raise ValueError(f"{name}={value!r} must be {'> 0' if name == 'grad_clip' else '>= 0'}")
         self.device = normalize_device(self.device)
 
 
