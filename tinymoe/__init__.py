@@ -7,6 +7,7 @@ from .engine import (
     GradcheckError,
     Tensor,
     cuda_available,
+    get_matmul_precision,
     gradcheck,
     is_grad_enabled,
     no_grad,
@@ -14,6 +15,7 @@ from .engine import (
     ones,
     rand,
     randn,
+    set_matmul_precision,
     tensor,
     zeros,
 )
@@ -24,6 +26,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailableError", "Context", "DeviceMismatchError", "Function", "GradcheckError", "Tensor",
-    "cuda_available", "gradcheck", "is_grad_enabled", "no_grad", "numba_available", "ones", "rand", "randn",
-    "tensor", "zeros", "functional", "io", "kernels", "nn", "__version__",
+    "cuda_available", "get_matmul_precision", "gradcheck", "is_grad_enabled", "no_grad", "numba_available", "ones",
+    "rand", "randn", "set_matmul_precision", "tensor", "zeros", "functional", "io", "kernels", "nn", "__version__",
 ]

@@ -307,7 +307,8 @@ def test_gradcheck_on_cuda_passes_every_case(tmp_path):
 @GPU
 def test_train_and_sample_on_cuda(tmp_path):
     (tmp_path / "data.txt").write_text(TEXT, encoding="utf-8")
-    result = tinymoe("train", "--data", "data.txt", "--steps", "4", "--out", "run", "--device", "cuda", *TINY,
+    result = tinymoe("train", "--data", "data.txt", "--steps", "4", "--out", "run", "--device", "cuda",
+                     "--matmul-precision", "tf32", *TINY,
                      cwd=tmp_path, timeout=600, TINYMOE_KERNELS="auto")
     assert_ok(result)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
@@ -367,6 +368,7 @@ def test_resume_with_another_config_is_one_line(trained, tmp_path):
 ARGPARSE_ERRORS = {
     "steps 0": ["train", "--steps", "0"],
     "steps not a number": ["train", "--steps", "many"],
+    "unknown matmul precision": ["train", "--matmul-precision", "fast"],
     "sample length 0": ["sample", "--checkpoint", "run", "--length", "0"],
     "sample temperature 0": ["sample", "--checkpoint", "run", "--temperature", "0"],
 }

@@ -299,3 +299,51 @@ def test_rand_float32_never_returns_one():
 def test_constructors_place_tensors_on_device(device, make):
     t = make(3, 2, device=device, dtype="float64")
     assert t.device == device and t.shape == (3, 2) and t.dtype == np.float64
+
+
+# ----- matmul precision -----------------------------------------------------------------------------------
+@pytest.fixture
+def restore_matmul_precision():
+    before = tm.get_matmul_precision()
+    yield
+    tm.set_matmul_precision(before)
+
+
+def test_matmul_precision_rejects_unknown_values_by_name(restore_matmul_precision):
+    tm.set_matmul_precision("tf32")
+    with pytest.raises(ValueError, match="precision='fast'.*highest.*tf32"):
+        tm.set_matmul_precision("fast")
+    assert tm.get_matmul_precision() == "tf32"  # unchanged by the refused call
+
+
+class _LinalgStub:
+    """Stands in for cupy._core._routines_linalg: records the compute type set per dtype."""
+    COMPUTE_TYPE_DEFAULT, COMPUTE_TYPE_TF32 = 1, 7
+
+    def __init__(self):
+        self.calls = []
+
+    def set_compute_type(self, dtype, compute_type):
+        self.calls.append((np.dtype(dtype), compute_type))
+
+
+@pytest.mark.parametrize("precision, expected", [("tf32", 7), ("highest", 1)])
+def test_matmul_precision_sets_cupys_float32_compute_type(restore_matmul_precision, precision, expected):
+    stub = _LinalgStub()
+    tm.set_matmul_precision(precision)
+    backend._apply_matmul_precision(stub)
+    assert stub.calls == [(np.dtype(np.float32), expected)]
+
+
+@CUDA_ONLY
+def test_tf32_rounds_float32_cuda_matmuls_and_highest_does_not(restore_matmul_precision):
+    rng = np.random.default_rng(0)
+    a, b = (rng.standard_normal((512, 512)).astype(np.float32) for _ in range(2))
+    exact = a.astype(np.float64) @ b.astype(np.float64)
+    errors = {}
+    for precision in ("tf32", "highest"):
+        tm.set_matmul_precision(precision)
+        product = (tm.tensor(a, device="cuda") @ tm.tensor(b, device="cuda")).numpy()
+        assert product.dtype == np.float32
+        errors[precision] = np.abs(product - exact).max() / np.abs(exact).max()
+    assert errors["highest"] < 1e-5 < errors["tf32"], errors

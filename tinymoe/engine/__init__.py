@@ -1,6 +1,6 @@
 """The engine: arrays from a swappable backend, Tensors, Functions with hand-written backward, gradcheck."""
 from .autograd import is_grad_enabled, no_grad
-from .backend import BackendUnavailableError, cuda_available, numba_available
+from .backend import BackendUnavailableError, cuda_available, get_matmul_precision, numba_available, set_matmul_precision
 from .creation import ones, rand, randn, zeros
 from .function import Context, DeviceMismatchError, Function
 from .gradcheck import GradcheckError, gradcheck
@@ -8,6 +8,6 @@ from .tensor import Tensor, tensor
 
 __all__ = [
     "BackendUnavailableError", "Context", "DeviceMismatchError", "Function", "GradcheckError", "Tensor",
-    "cuda_available", "gradcheck", "is_grad_enabled", "no_grad", "numba_available", "ones", "rand", "randn",
-    "tensor", "zeros",
+    "cuda_available", "get_matmul_precision", "gradcheck", "is_grad_enabled", "no_grad", "numba_available", "ones",
+    "rand", "randn", "set_matmul_precision", "tensor", "zeros",
 ]

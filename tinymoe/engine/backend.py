@@ -21,6 +21,8 @@ class BackendUnavailableError(ImportError):
 
 _cupy_module = None
 _numba_module = None
+MATMUL_PRECISIONS = ("highest", "tf32")
+_matmul_precision = "highest"
 
 
 def import_cupy():
@@ -40,6 +42,7 @@ def import_cupy():
             raise BackendUnavailableError(f"CuPy is installed but no CUDA device is usable: {error}") from error
         if device_count == 0:
             raise BackendUnavailableError("CuPy is installed but reports no CUDA device")
+        _apply_matmul_precision(importlib.import_module("cupy._core._routines_linalg"))
         _cupy_module = cupy
     return _cupy_module
 
@@ -64,6 +67,28 @@ def cuda_available() -> bool:
     except BackendUnavailableError:
         return False
     return True
+
+
+def set_matmul_precision(precision: str) -> None:
+    """How float32 matmuls run on CUDA: "highest" (full float32, the default) or "tf32" (TensorFloat-32 tensor
+    cores, compute capability 8.0+: inputs rounded to 10 mantissa bits, ~1e-3 relative error, several times
+    faster). float16/float64 and NumPy on the CPU (which has no TF32) are not affected."""
+    global _matmul_precision
+    if precision not in MATMUL_PRECISIONS:
+        raise ValueError(f"set_matmul_precision: precision={precision!r}; expected one of {MATMUL_PRECISIONS}")
+    _matmul_precision = precision
+    if _cupy_module is not None:
+        _apply_matmul_precision(importlib.import_module("cupy._core._routines_linalg"))
+
+
+def get_matmul_precision() -> str:
+    return _matmul_precision
+
+
+def _apply_matmul_precision(cupy_linalg) -> None:
+    # CuPy keeps one cuBLAS compute type per dtype (its CUPY_TF32 variable only sets the first one it uses).
+    compute_type = cupy_linalg.COMPUTE_TYPE_TF32 if _matmul_precision == "tf32" else cupy_linalg.COMPUTE_TYPE_DEFAULT
+    cupy_linalg.set_compute_type(np.float32, compute_type)
 
 
 def numba_available() -> bool:
