@@ -335,6 +335,14 @@ def test_matmul_precision_sets_cupys_float32_compute_type(restore_matmul_precisi
     assert stub.calls == [(np.dtype(np.float32), expected)]
 
 
+def test_tf32_on_a_cupy_without_the_compute_type_switch_says_what_to_do(restore_matmul_precision):
+    tm.set_matmul_precision("highest")
+    backend._apply_matmul_precision(None)  # full float32 is CuPy's own default: nothing to do
+    tm.set_matmul_precision("tf32")
+    with pytest.raises(tm.BackendUnavailableError, match="CUPY_TF32"):
+        backend._apply_matmul_precision(None)
+
+
 @CUDA_ONLY
 def test_tf32_rounds_float32_cuda_matmuls_and_highest_does_not(restore_matmul_precision):
     rng = np.random.default_rng(0)

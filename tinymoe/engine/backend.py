@@ -42,8 +42,8 @@ def import_cupy():
             raise BackendUnavailableError(f"CuPy is installed but no CUDA device is usable: {error}") from error
         if device_count == 0:
             raise BackendUnavailableError("CuPy is installed but reports no CUDA device")
-        _apply_matmul_precision(importlib.import_module("cupy._core._routines_linalg"))
         _cupy_module = cupy
+        _apply_matmul_precision(_cupy_linalg())
     return _cupy_module
 
 
@@ -78,15 +78,28 @@ def set_matmul_precision(precision: str) -> None:
         raise ValueError(f"set_matmul_precision: precision={precision!r}; expected one of {MATMUL_PRECISIONS}")
     _matmul_precision = precision
     if _cupy_module is not None:
-        _apply_matmul_precision(importlib.import_module("cupy._core._routines_linalg"))
+        _apply_matmul_precision(_cupy_linalg())
 
 
 def get_matmul_precision() -> str:
     return _matmul_precision
 
 
+def _cupy_linalg():
+    """CuPy's matmul module, or None if this CuPy version lays it out differently."""
+    try:
+        return importlib.import_module("cupy._core._routines_linalg")
+    except ImportError:
+        return None
+
+
 def _apply_matmul_precision(cupy_linalg) -> None:
     # CuPy keeps one cuBLAS compute type per dtype (its CUPY_TF32 variable only sets the first one it uses).
+    if cupy_linalg is None or not hasattr(cupy_linalg, "set_compute_type"):
+        if _matmul_precision == "tf32":
+            raise BackendUnavailableError("set_matmul_precision('tf32'): this CuPy version has no "
+                                          "cupy._core._routines_linalg.set_compute_type; set CUPY_TF32=1 instead")
+        return
     compute_type = cupy_linalg.COMPUTE_TYPE_TF32 if _matmul_precision == "tf32" else cupy_linalg.COMPUTE_TYPE_DEFAULT
     cupy_linalg.set_compute_type(np.float32, compute_type)
 
