@@ -102,6 +102,17 @@ class DeviceTimer:
         return self.cupy.cuda.get_elapsed_time(self.start, self.stop)
 
 
+def print_rate_table(rows, times, copy_rate) -> None:
+    """A Markdown table: per (primitive, implementation, call, bytes moved) row, the median ms of its `times`,
+    GB/s and the fraction of `copy_rate` (GB/s)."""
+    print(f"| {'primitive':<32} | {'implementation':<14} | {'ms':>8} | {'GB/s':>7} | {'of copy':>7} |")
+    print(f"| {'-' * 32} | {'-' * 14} | {'-' * 8} | {'-' * 7} | {'-' * 7} |")
+    for (primitive, name, _, nbytes), samples in sorted(zip(rows, times), key=lambda item: item[0][0]):
+        ms = statistics.median(samples)
+        rate = nbytes / ms / 1e6
+        print(f"| {primitive:<32} | {name:<14} | {ms:8.3f} | {rate:7.1f} | {rate / copy_rate:6.0%} |")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -147,12 +158,7 @@ def main(argv=None):
     print(f"device={args.device} T={args.tokens} d={args.d_model} E={args.experts} K={args.top_k} {args.dtype}, "
           f"median of {args.repeats} after {args.warmup} warm-up rounds")
     print(f"copy of {copy_source.nbytes / 2**20:.1f} MiB: {copy_ms:.3f} ms, {copy_rate:.1f} GB/s (read + write)\n")
-    print(f"| {'primitive':<32} | {'implementation':<14} | {'ms':>8} | {'GB/s':>7} | {'of copy':>7} |")
-    print(f"| {'-' * 32} | {'-' * 14} | {'-' * 8} | {'-' * 7} | {'-' * 7} |")
-    for (primitive, name, _, nbytes), samples in sorted(zip(rows, times), key=lambda item: item[0][0]):
-        ms = statistics.median(samples)
-        rate = nbytes / ms / 1e6
-        print(f"| {primitive:<32} | {name:<14} | {ms:8.3f} | {rate:7.1f} | {rate / copy_rate:6.0%} |")
+    print_rate_table(rows, times, copy_rate)
 
 
 if __name__ == "__main__":

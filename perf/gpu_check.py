@@ -25,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_dispatch import DeviceTimer, cases, make_problem  # noqa: E402  (perf/ is this script's folder)
+from bench_dispatch import DeviceTimer, cases, make_problem, print_rate_table  # noqa: E402  (perf/ is this script's folder)
 
 from tinymoe.engine.backend import import_cupy  # noqa: E402
 from tinymoe.kernels import cuda, reference  # noqa: E402
@@ -197,12 +197,7 @@ def time_shape(cupy, shape_name, dtype, repeats, warmup):
     copy_rate = 2 * source.nbytes / copy_ms / 1e6
     print(f"\n{shape_name} (T={n_tokens} d={d_model} E={n_experts} K={top_k} ff={ff}) {np.dtype(dtype).name}: "
           f"device copy of {source.nbytes / 2**20:.0f} MiB {copy_ms:.3f} ms = {copy_rate:.0f} GB/s (read + write)")
-    print(f"| {'primitive':<32} | {'implementation':<14} | {'ms':>8} | {'GB/s':>7} | {'of copy':>7} |")
-    print(f"| {'-' * 32} | {'-' * 14} | {'-' * 8} | {'-' * 7} | {'-' * 7} |")
-    for (primitive, name, _, nbytes), samples in sorted(zip(rows, times), key=lambda item: item[0][0]):
-        ms = statistics.median(samples)
-        rate = nbytes / ms / 1e6
-        print(f"| {primitive:<32} | {name:<14} | {ms:8.3f} | {rate:7.0f} | {rate / copy_rate:6.0%} |")
+    print_rate_table(rows, times, copy_rate)
 
 
 def main(argv=None):

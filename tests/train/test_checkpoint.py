@@ -303,14 +303,16 @@ def test_save_replaces_an_existing_checkpoint(good_checkpoint):
     assert sorted(os.listdir(good_checkpoint.parent)) == ["checkpoint.npz"]
 
 
-def test_checkpoint_permissions_follow_the_umask(tmp_path):
-    old_umask = os.umask(0o022)
+@pytest.mark.parametrize("umask, expected", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_checkpoint_permissions_follow_the_umask(tmp_path, umask, expected):
+    old_umask = os.umask(umask)
     try:
         model, optimizer = make_model_and_optimizer(model_config())
         save_state(tmp_path / "checkpoint.npz", model, optimizer, step=1)
     finally:
         os.umask(old_umask)
-    assert stat.S_IMODE(os.stat(tmp_path / "checkpoint.npz").st_mode) == 0o644
+    assert stat.S_IMODE(os.stat(tmp_path / "checkpoint.npz").st_mode) == expected
+    assert [path.name for path in tmp_path.iterdir()] == ["checkpoint.npz"]  # no temporary file left
 
 
 # ----- the Trainer's checkpoint ------------------------------------------------------------------------------

@@ -237,7 +237,7 @@ def test_non_finite_loss_stops_training_with_a_clear_error(data, tmp_path, monke
 
     def nan_loss(tokens, targets):
         total, parts = real_loss(tokens, targets)
-        return total * float("nan"), parts
+        return total * float("nan"), dict(parts, total=float("nan"))
 
     monkeypatch.setattr(trainer.model, "loss", nan_loss)
     with pytest.raises(FloatingPointError, match="step 1"):

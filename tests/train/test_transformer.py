@@ -143,6 +143,7 @@ def test_total_loss_is_cross_entropy_plus_weighted_router_losses():
     assert parts["aux"] == pytest.approx(np.mean(auxes), rel=1e-10)  # reported per layer (1.0 = balanced)
     assert parts["z"] == pytest.approx(np.mean(zs), rel=1e-10)
     assert parts["noisy"] == 0.0
+    assert parts["total"] == total.item()
 
 
 def test_coefficients_scale_only_the_router_terms():
@@ -168,6 +169,7 @@ def test_noisy_router_losses_enter_the_total():
     assert noisy > 0
     assert parts["noisy"] == pytest.approx(noisy / 2, rel=1e-10)
     assert total.item() == pytest.approx(parts["cross_entropy"] + 0.7 * noisy, rel=1e-10)
+    assert parts["total"] == total.item()
 
 
 # ----- structure ---------------------------------------------------------------------------------------------

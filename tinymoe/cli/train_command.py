@@ -5,7 +5,7 @@ import argparse
 import os
 import tempfile
 
-from ..engine.backend import BackendUnavailableError, cuda_available, import_cupy
+from ..engine.backend import BackendUnavailableError, import_cupy
 from .main import UsageError, non_negative_float, positive_float, positive_int
 
 
@@ -76,7 +76,7 @@ def _check_out_dir(path: str) -> None:
 
 
 def _check_device(device: str) -> None:
-    if device == "cuda" and not cuda_available():
+    if device == "cuda":
         try:
             import_cupy()
         except BackendUnavailableError as error:

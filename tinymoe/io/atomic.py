@@ -4,23 +4,21 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
-
-
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+import secrets
 
 
 @contextlib.contextmanager
 def atomic_write(path, mode: str = "wb"):
-    """Yield a file object for a temporary file that replaces `path` only if the block finishes."""
+    """Yield a file object for a temporary file that replaces `path` only if the block finishes.
+
+    The temporary file is created with mode 0o666 less the umask, as open() would make `path` itself
+    (tempfile.mkstemp would make it 0o600, and reading the umask means changing it, for every thread).
+    """
     path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    descriptor, temporary = tempfile.mkstemp(prefix=".tmp-", suffix="-" + os.path.basename(path), dir=directory)
+    directory, name = os.path.split(os.path.abspath(path))
+    temporary = os.path.join(directory, f".tmp-{secrets.token_hex(8)}-{name}")
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        os.chmod(temporary, 0o666 & ~_current_umask())  # mkstemp makes 0600; a plain open() honours the umask
         with os.fdopen(descriptor, mode) as handle:
             yield handle
             handle.flush()

@@ -16,6 +16,7 @@ import numpy as np
 
 from .. import functional as F
 from ..engine.autograd import no_grad
+from ..engine.backend import to_numpy
 from ..engine.checks import require_int
 from ..engine.random import as_generator
 from ..engine.tensor import Tensor
@@ -151,24 +152,30 @@ class MoETransformer(Module):
         return F.linear(self.final_norm(h), self.token_embedding.weight)  # tied output head
 
     def loss(self, tokens, targets):
-        """(total loss, parts): floats "cross_entropy", and "aux", "z", "noisy" averaged over the MoE layers
-        (so aux = 1.0 means balanced); the total sums the weighted losses of every layer."""
+        """(total loss, parts): floats "total", "cross_entropy", and "aux", "z", "noisy" averaged over the MoE
+        layers (so aux = 1.0 means balanced); the total sums the weighted losses of every layer.
+        The floats come to the host in one transfer (one GPU sync per call)."""
         logits = self.forward(tokens)
         xp = logits.xp
         cross_entropy = F.cross_entropy(logits.reshape(-1, self.config.vocab_size), xp.asarray(targets).reshape(-1))
-        total = cross_entropy
-        parts = {"cross_entropy": cross_entropy.item(), "aux": 0.0, "z": 0.0, "noisy": 0.0}
-        c = self.config
-        for layer in self.moe_layers():
+        c, layers = self.config, self.moe_layers()
+        total, reported = cross_entropy, {"aux": [], "z": [], "noisy": []}
+        for layer in layers:
             total = total + c.aux_coef * layer.aux_loss + c.z_coef * layer.z_loss
-            parts["aux"] += layer.aux_loss.item()
-            parts["z"] += layer.z_loss.item()
+            reported["aux"].append(layer.aux_loss)
+            reported["z"].append(layer.z_loss)
             if layer.importance_loss is not None:
-                total = total + c.noisy_coef * (layer.importance_loss + layer.load_loss)
-                parts["noisy"] += layer.importance_loss.item() + layer.load_loss.item()
-        n_moe = max(len(self.moe_layers()), 1)
+                noisy = layer.importance_loss + layer.load_loss
+                total = total + c.noisy_coef * noisy
+                reported["noisy"].append(noisy)
+        scalars = [total, cross_entropy, *reported["aux"], *reported["z"], *reported["noisy"]]
+        values = to_numpy(xp.stack([scalar.data.astype(xp.float64) for scalar in scalars])).tolist()
+        parts = {"total": values[0], "cross_entropy": values[1]}
+        position, n_moe = 2, max(len(layers), 1)
         for name in ("aux", "z", "noisy"):
-            parts[name] /= n_moe
+            count = len(reported[name])
+            parts[name] = sum(values[position:position + count]) / n_moe
+            position += count
         return total, parts
 
     @no_grad()

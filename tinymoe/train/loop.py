@@ -132,8 +132,8 @@ class Trainer:
             started = time.perf_counter()
             inputs, targets = self.data.batch(self.batch_generator, "train", config.batch_size, config.seq_len)
             total, parts = model.loss(inputs, targets)
-            if not math.isfinite(total.item()):
-                raise FloatingPointError(f"the loss became {total.item()} at step {self.step + 1}; "
+            if not math.isfinite(parts["total"]):
+                raise FloatingPointError(f"the loss became {parts['total']} at step {self.step + 1}; "
                                          "lower --lr or raise --grad-clip")
             self.optimizer.zero_grad()
             total.backward()
