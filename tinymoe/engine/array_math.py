@@ -32,6 +32,23 @@ def stable_argsort(keys, axis: int = -1):
     return xp.argsort(keys, axis=axis)
 
 
+def stable_top_k(scores, k: int, axis: int = -1):
+    """Indices of the k largest scores along `axis` (-1/1 of a 2-D array, or 0), largest first; ties go to the
+    lower index, so the selection is deterministic on every device."""
+    order = stable_argsort(-scores, axis=axis)
+    return order[:, :k] if axis in (-1, 1) else order[:k]
+
+
+def scatter_add(xp, target, index, values):
+    """target[index] += values in place, summing repeated indices (NumPy add.at; cupyx.scatter_add on CuPy)."""
+    if xp.__name__ == "numpy":
+        xp.add.at(target, index, values)
+    else:
+        import cupyx
+
+        cupyx.scatter_add(target, index, values)
+
+
 # ----- softmax family: shift by the maximum so exp never overflows (|x| ~ 1e4 stays finite) ------------
 
 
@@ -83,6 +100,30 @@ def softplus(x):
     """log(1 + exp(x)) = max(x, 0) + log1p(exp(−|x|)), finite for any x."""
     xp = array_module(x)
     return xp.maximum(x, 0) + xp.log1p(xp.exp(-xp.abs(x)))
+
+
+def relu_with_derivative(x):
+    """(relu(x), relu'(x)) = (max(x, 0), 1[x > 0])."""
+    return array_module(x).maximum(x, 0), (x > 0).astype(x.dtype)
+
+
+def silu_with_derivative(x):
+    """(silu(x), silu'(x)) = (x·σ(x), σ(x)·(1 + x·(1 − σ(x))))."""
+    sigma = sigmoid(x)
+    return x * sigma, sigma * (1 + x * (1 - sigma))
+
+
+def gelu_with_derivative(x):
+    """Exact GELU (Hendrycks & Gimpel 2016): (x·Φ(x), Φ(x) + x·φ(x))."""
+    cdf = normal_cdf(x)
+    return x * cdf, cdf + x * normal_pdf(x)
+
+
+ACTIVATIONS_WITH_DERIVATIVE = {
+    "relu": relu_with_derivative,
+    "silu": silu_with_derivative,
+    "gelu": gelu_with_derivative,
+}
 
 
 def normal_pdf(z):
