@@ -1,16 +1,21 @@
-"""Forward + backward of one MoE layer: tinymoe against PyTorch eager peers, in the same run.
+"""Forward + backward of one MoE layer: tinymoe against PyTorch eager peers, each row in its own process.
 
-Shapes and peers are those of shared/BENCHMARKS.md: SwiGLU experts, softmax top-k (renormalised),
-dropless, float32, load-balance loss included, identical weights and routing for every implementation.
-FLOPs counted: 3 · T·k · 6·d·ff (the expert matmuls, forward and backward; the router is ignored).
+    python perf/bench_moe.py                          # cpu-small, 5 alternated rounds, all rows
+    python perf/bench_moe.py --memory                 # also peak memory of one step / one no_grad forward
+    python perf/bench_moe.py --check                  # do the rows compute the same layer? (no timing)
+    python perf/bench_moe.py --shape tiny --rounds 1  # a smoke test of this script
+    python perf/bench_moe.py --device cuda            # UNTESTED (no GPU when written): the three shapes
 
-    python perf/bench_moe.py                       # cpu-small on the CPU
-    python perf/bench_moe.py --device cuda         # the three shapes on a GPU (needs CuPy)
-    python perf/bench_moe.py --memory              # also peak memory of one step and of a no_grad forward
+The rule of shared/BENCHMARKS.md: every row (tinymoe; torch transformers-style; torch sort-based; the
+expert matmuls alone, the floor; a square float32 matmul, the machine's rate) runs in a fresh process of
+its own with its libraries' defaults, as a user would run it; the rows alternate over rounds (A B C D E,
+A B C D E, ...); each worker warms up, then times --repeats calls and reports their median. Per row this
+prints the median over rounds with the min–max; tinymoe / best torch and the fraction of the square
+matmul's rate are taken round by round (median, min–max). FLOPs: 3 · T·k · 6·d·ff per step.
 
-Prints ms (median after warm-up), GFLOP/s, tinymoe / best peer, and the fraction of this machine's matmul
-rate (measured in this run: a float32 2048² (CPU) or 8192² (GPU) product), plus the time of the expert
-matmuls alone (the floor for this routing).
+This parent process imports neither torch nor tinymoe (nor NumPy): nothing it loads can affect a row.
+Workers set no environment variables; they inherit this process's environment, the same for every row.
+--clean-openblas-env removes OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE from it (for all rows alike).
 """
 from __future__ import annotations
 
@@ -22,290 +27,212 @@ import subprocess
 import sys
 import time
 
-import numpy as np
+from bench_common import (LAYER_ROWS, MATMUL_SIZE, OPENBLAS_TUNING_VARIABLES, ROWS, SHAPES, describe_shape, flops,
+                          machine_lines, summarize_threadpools)
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-SHAPES = {  # name: (T, d, ff, E, k)
-    "cpu-small": (4096, 512, 1024, 8, 2),
-    "mixtral-like": (16384, 1024, 2816, 8, 2),
-    "fine-grained": (16384, 1024, 512, 64, 6),
-}
+TORCH_ROWS = ("torch-loop", "torch-sort")
+LABELS = {"tinymoe": "tinymoe", "torch-loop": "torch, transformers-style", "torch-sort": "torch, sort-based",
+          "floor": "expert matmuls alone (floor)", "matmul": "square matmul"}
 
 
-def flops(shape) -> float:
-    tokens, d_model, d_ff, _, top_k = shape
-    return 3.0 * tokens * top_k * 6.0 * d_model * d_ff
+# ----- worker side (a fresh process per row) ---------------------------------------------------------------
+def worker(args) -> None:
+    from bench_common import threadpool_info
+
+    import moe_rows
+
+    if args.memory_mode:
+        result = moe_rows.peak_memory(args.worker, args.shape, args.device, args.memory_mode, args.tinymoe_kernels)
+    else:
+        result = moe_rows.time_row(args.worker, args.shape, args.device, args.warmup, args.repeats,
+                                   args.tinymoe_kernels)
+    result["threadpools"] = threadpool_info()
+    if args.worker == "tinymoe":
+        import tinymoe_api
+
+        result["runtime"] = {**tinymoe_api.runtime_info(), "kernels": tinymoe_api.chosen_kernels(args.device)}
+    elif args.worker in TORCH_ROWS:
+        import torch  # already loaded by the row
+
+        result["runtime"] = {"torch": torch.__version__, "intra-op threads": torch.get_num_threads(),
+                             "mkl": torch.backends.mkl.is_available(), "onednn": torch.backends.mkldnn.is_available()}
+    if args.device == "cuda":  # UNTESTED
+        import tinymoe_api
+
+        properties = tinymoe_api.import_cupy().cuda.runtime.getDeviceProperties(0)
+        result["device_name"] = properties["name"].decode()
+    print(json.dumps(result))
 
 
-def make_problem(shape, seed=0):
-    tokens, d_model, d_ff, n_experts, _ = shape
-    rng = np.random.default_rng(seed)
-    scale_in, scale_out = 1 / np.sqrt(d_model), 1 / np.sqrt(d_ff)
-    return {
-        "router.weight": (rng.standard_normal((n_experts, d_model)) * scale_in).astype(np.float32),
-        "experts.w1": (rng.standard_normal((n_experts, d_ff, d_model)) * scale_in).astype(np.float32),
-        "experts.w3": (rng.standard_normal((n_experts, d_ff, d_model)) * scale_in).astype(np.float32),
-        "experts.w2": (rng.standard_normal((n_experts, d_model, d_ff)) * scale_out).astype(np.float32),
-        "x": rng.standard_normal((tokens, d_model)).astype(np.float32),
-        "cotangent": rng.standard_normal((tokens, d_model)).astype(np.float32),
-    }
-
-
-class Clock:
-    """Median wall time of a callable; synchronises the GPU around each call when asked."""
-
-    def __init__(self, synchronize=None):
-        self.synchronize = synchronize or (lambda: None)
-
-    def interleaved_medians_ms(self, steps: dict, repeats, warmup=2) -> dict:
-        """Median ms of each callable, timed in turns (one call of each per round), so that a machine whose
-        speed drifts during the run (a shared VM) slows every implementation alike."""
-        for step in steps.values():
-            for _ in range(warmup):
-                step()
-        times = {name: [] for name in steps}
-        for _ in range(repeats):
-            for name, step in steps.items():
-                self.synchronize()
-                started = time.perf_counter()
-                step()
-                self.synchronize()
-                times[name].append(time.perf_counter() - started)
-        return {name: 1e3 * statistics.median(values) for name, values in times.items()}
-
-
-# ----- tinymoe ---------------------------------------------------------------------------------------------
-def tinymoe_step(problem, shape, device):
-    import tinymoe as tm
-
-    _, d_model, d_ff, n_experts, top_k = shape
-    moe = tm.nn.MoE(d_model, d_ff, n_experts, top_k=top_k, device=device)
-    moe.load_state_dict({name: problem[name] for name in ("router.weight", "experts.w1", "experts.w3", "experts.w2")})
-    x = tm.tensor(problem["x"], device=device, requires_grad=True)
-    cotangent = tm.tensor(problem["cotangent"], device=device)
-
-    def step():
-        moe.zero_grad()
-        x.grad = None
-        out = moe(x)
-        loss = (out * cotangent).sum() + 0.01 * moe.aux_loss
-        loss.backward()
-        return out
-
-    def forward_only():
-        with tm.no_grad():
-            return moe(x)
-
-    return moe, step, forward_only
-
-
-def expert_matmuls_only(problem, shape, counts, xp):
-    """The nine expert matmuls of forward + backward on contiguous blocks of `counts` rows: the floor."""
-    _, d_model, d_ff, n_experts, _ = shape
-    w1, w3, w2 = (xp.asarray(problem[name]) for name in ("experts.w1", "experts.w3", "experts.w2"))
-    rows = int(sum(counts))
-    xs = xp.asarray(np.resize(problem["x"], (rows, d_model)))
-    gate, up = xp.empty((rows, d_ff), xp.float32), xp.empty((rows, d_ff), xp.float32)
-    out, grad_x = xp.empty((rows, d_model), xp.float32), xp.empty((rows, d_model), xp.float32)
-    grads = [xp.empty_like(w) for w in (w1, w3, w2)]
-    offsets = np.concatenate([[0], np.cumsum(counts)])
-
-    def step():
-        for e in range(n_experts):
-            a, b = int(offsets[e]), int(offsets[e + 1])
-            if b == a:
-                continue
-            xe = xs[a:b]
-            xp.matmul(xe, w1[e].T, out=gate[a:b])
-            xp.matmul(xe, w3[e].T, out=up[a:b])
-            xp.matmul(gate[a:b], w2[e].T, out=out[a:b])
-            xp.matmul(out[a:b].T, gate[a:b], out=grads[2][e])
-            xp.matmul(out[a:b], w2[e], out=up[a:b])
-            xp.matmul(up[a:b].T, xe, out=grads[0][e])
-            xp.matmul(gate[a:b].T, xe, out=grads[1][e])
-            xp.matmul(up[a:b], w1[e], out=grad_x[a:b])
-            grad_x[a:b] += gate[a:b] @ w3[e]
-    return step
-
-
-def square_matmul(xp, size):
-    """A float32 size² product: the machine's matmul rate, 2·size³ FLOP per call."""
-    a = xp.asarray(np.random.default_rng(1).standard_normal((size, size)).astype(np.float32))
-    b = a.T.copy()
-    return lambda: a @ b
-
-
-# ----- PyTorch peers ---------------------------------------------------------------------------------------
-def torch_steps(problem, shape, device):
+# ----- parent side -----------------------------------------------------------------------------------------
+def run_worker(args, row, shape_name, environment, memory_mode=None) -> dict:
+    command = [sys.executable, os.path.abspath(__file__), "--worker", row, "--shape", shape_name, "--device",
+               args.device, "--warmup", str(args.warmup), "--repeats", str(args.repeats)]
+    if args.tinymoe_kernels:
+        command += ["--tinymoe-kernels", args.tinymoe_kernels]
+    if memory_mode:
+        command += ["--memory-mode", memory_mode]
     try:
-        import torch
-    except ImportError:
-        return {}
-    from torch_peers import PEERS
-
-    torch.backends.cuda.matmul.allow_tf32 = False
-    target = "cuda" if device == "cuda" else "cpu"
-    weights = {name: torch.tensor(problem[name], device=target, requires_grad=True)
-               for name in ("router.weight", "experts.w1", "experts.w3", "experts.w2")}
-    x = torch.tensor(problem["x"], device=target, requires_grad=True)
-    cotangent = torch.tensor(problem["cotangent"], device=target)
-    top_k = shape[4]
-    steps = {}
-    for name, layer in PEERS.items():
-        def step(layer=layer):
-            for tensor in (*weights.values(), x):
-                tensor.grad = None
-            out, aux = layer(x, weights["router.weight"], weights["experts.w1"], weights["experts.w3"],
-                             weights["experts.w2"], top_k)
-            ((out * cotangent).sum() + 0.01 * aux).backward()
-            return out
-
-        def forward_only(layer=layer):
-            with torch.no_grad():
-                return layer(x, weights["router.weight"], weights["experts.w1"], weights["experts.w3"],
-                             weights["experts.w2"], top_k)[0]
-        steps[name] = (step, forward_only)
-    return steps
+        done = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=args.worker_timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"killed after --worker-timeout {args.worker_timeout:g} s"}
+    if done.returncode:
+        tail = " | ".join(done.stderr.strip().splitlines()[-3:]) or f"exit status {done.returncode}"
+        return {"error": tail}
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-# ----- peak memory (each measurement in a fresh process) ---------------------------------------------------
-def _resident_kib(field):
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field):
-                return int(line.split()[1])
+def spread(values, fmt="{:.1f}", unit="") -> str:
+    """'median (min–max)' of a list of numbers, then `unit`; '-' for none."""
+    if not values:
+        return "-"
+    return f"{fmt.format(statistics.median(values))} ({fmt.format(min(values))}–{fmt.format(max(values))}){unit}"
+
+
+def measure_shape(args, shape_name, rows, environment) -> dict:
+    """The alternated rounds for one shape: {row: [worker result per round]}."""
+    results = {row: [] for row in rows}
+    for round_number in range(1, args.rounds + 1):
+        line = []
+        for row in rows:
+            result = run_worker(args, row, shape_name, environment)
+            results[row].append(result)
+            line.append(f"{row} {result['median_ms']:.1f} ms" if "median_ms" in result else f"{row} FAILED")
+        print(f"  round {round_number}/{args.rounds}: " + ", ".join(line), flush=True)
+    return results
+
+
+def report_shape(args, shape_name, results) -> dict:
+    """Print the per-row table of one shape; return the derived figures."""
+    shape = SHAPES[shape_name]
+    work = flops(shape)
+    for row, per_round in results.items():
+        for result in per_round:
+            if "error" in result:
+                print(f"  {row} failed in a round: {result['error']}")
+    ok = lambda row, r: "median_ms" in results[row][r]  # noqa: E731
+    matmul_rates = {}
+    if "matmul" in results:
+        size = MATMUL_SIZE[args.device]
+        matmul_rates = {r: 2.0 * size**3 / (results["matmul"][r]["median_ms"] / 1e3) / 1e9
+                        for r in range(args.rounds) if ok("matmul", r)}
+        print(f"  square {size}² float32 matmul: {spread(list(matmul_rates.values()), '{:.0f}')} GFLOP/s")
+    best_torch = {}
+    for r in range(args.rounds):
+        peers = [results[row][r]["median_ms"] for row in TORCH_ROWS if row in results and ok(row, r)]
+        if peers:
+            best_torch[r] = min(peers)
+    header = f"  {'row':<30}{'ms: median (min–max)':>24}{'GFLOP/s':>9}{'of matmul':>22}{'vs best torch':>24}"
+    print(header)
+    derived = {}
+    for row in results:
+        if row == "matmul":
+            continue
+        rounds_ok = [r for r in range(args.rounds) if ok(row, r)]
+        ms = [results[row][r]["median_ms"] for r in rounds_ok]
+        of_matmul = [work / (results[row][r]["median_ms"] / 1e3) / 1e9 / matmul_rates[r]
+                     for r in rounds_ok if r in matmul_rates]
+        versus = [results[row][r]["median_ms"] / best_torch[r] for r in rounds_ok if r in best_torch]
+        gflops = work / (statistics.median(ms) / 1e3) / 1e9 if ms else float("nan")
+        print(f"  {LABELS[row]:<30}{spread(ms):>24}{gflops:9.1f}{spread([100 * v for v in of_matmul], '{:.0f}', '%'):>22}"
+              f"{spread(versus, '{:.2f}', 'x'):>24}")
+        derived[row] = {"ms": ms, "of_matmul": of_matmul, "vs_best_torch": versus}
+    print("  (ratios and % of matmul are taken within each round, then the median and min–max over rounds)")
+    for row, per_round in results.items():
+        pools = {summarize_threadpools(result.get("threadpools", [])) for result in per_round if "error" not in result}
+        runtime = next((result["runtime"] for result in per_round if "runtime" in result), None)
+        print(f"  libraries in the {row} worker: {' / '.join(sorted(pools))}" + (f"; {runtime}" if runtime else ""))
+    devices = {result["device_name"] for per_round in results.values() for result in per_round if "device_name" in result}
+    if devices:
+        print(f"  device: {', '.join(sorted(devices))}")
+    return {"matmul_gflops": list(matmul_rates.values()), "rows": derived}
+
+
+def measure_memory(args, shape_name, rows, environment) -> dict:
+    memory = {}
+    print(f"  peak memory (fresh process per cell; {'device allocator' if args.device == 'cuda' else 'VmHWM growth'}"
+          f" during the call, above the set-up):")
+    for row in [row for row in rows if row in LAYER_ROWS]:
+        memory[row] = {mode: run_worker(args, row, shape_name, environment, memory_mode=mode)
+                       for mode in ("step", "forward")}
+        cells = [f"{memory[row][mode]['mib']:.0f} MiB" if memory[row][mode].get("mib") is not None
+                 else memory[row][mode].get("error", memory[row][mode].get("method")) for mode in ("step", "forward")]
+        print(f"    {LABELS[row]:<30} training step {cells[0]:>9}   no_grad forward {cells[1]:>9}")
+    return memory
+
+
+def worker_environment(args) -> dict:
+    environment = dict(os.environ)
+    present = {name: environment[name] for name in OPENBLAS_TUNING_VARIABLES if name in environment}
+    if args.clean_openblas_env:
+        for name in OPENBLAS_TUNING_VARIABLES:
+            environment.pop(name, None)
+        print(f"--clean-openblas-env: removed {present or 'nothing (none was set)'} from every worker's environment")
+    elif present:
+        print(f"note: every worker inherits {present} (--clean-openblas-env removes them for all rows)")
+    return environment
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--shape", default=None, help=f"comma-separated, of {', '.join(SHAPES)} "
+                        "(default: cpu-small on cpu, the three BENCHMARKS shapes on cuda)")
+    parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated rows to run, in this order")
+    parser.add_argument("--rounds", type=int, default=5, help="alternated rounds (one fresh process per row each)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls per worker (median)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed calls per worker before timing")
+    parser.add_argument("--tinymoe-kernels", default=None, help="run tinymoe with tm.kernels.use(NAME) (default: auto)")
+    parser.add_argument("--memory", action="store_true", help="also peak memory per layer row (fresh processes)")
+    parser.add_argument("--check", action="store_true", help="only compare outputs and gradients of the rows")
+    parser.add_argument("--clean-openblas-env", action="store_true",
+                        help="unset OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE for every worker")
+    parser.add_argument("--worker-timeout", type=float, default=1800, help="seconds before a worker is killed")
+    parser.add_argument("--json", metavar="FILE", help="also write every worker's raw result as JSON")
+    parser.add_argument("--worker", choices=ROWS, help=argparse.SUPPRESS)
+    parser.add_argument("--memory-mode", choices=("step", "forward"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        return worker(args)
+    names = args.shape.split(",") if args.shape else (["cpu-small"] if args.device == "cpu"
+                                                      else ["cpu-small", "mixtral-like", "fine-grained"])
+    rows = args.rows.split(",")
+    for name in names:
+        if name not in SHAPES:
+            parser.error(f"--shape {name!r} is unknown; expected one of {', '.join(SHAPES)}")
+    for row in rows:
+        if row not in ROWS:
+            parser.error(f"--rows: {row!r} is unknown; expected one of {', '.join(ROWS)}")
+    if args.rounds < 1 or args.repeats < 1 or args.warmup < 0:
+        parser.error(f"--rounds {args.rounds} and --repeats {args.repeats} must be >= 1, --warmup {args.warmup} >= 0")
+    if args.device == "cuda":
+        print("NOTE: the --device cuda path has not been run on a GPU yet (none was available when it was written)")
+    for line in machine_lines(args.device):
+        print(line)
+    environment = worker_environment(args)
+    if args.check:
+        command = [sys.executable, "-c", "import sys, moe_check; sys.exit(moe_check.run_check(*sys.argv[1:]))",
+                   names[0], args.device, *([args.tinymoe_kernels] if args.tinymoe_kernels else [])]
+        return subprocess.run(command, env=environment, cwd=os.path.dirname(os.path.abspath(__file__))).returncode
+    print(f"rows {', '.join(rows)}: {args.rounds} alternated rounds, each worker {args.warmup} warm-up + "
+          f"{args.repeats} timed calls (median); device {args.device}")
+    started, report = time.perf_counter(), {"machine": machine_lines(args.device), "shapes": {}}
+    for name in names:
+        print(f"\n{describe_shape(name)}")
+        results = measure_shape(args, name, rows, environment)
+        entry = {"workers": results, "derived": report_shape(args, name, results)}
+        if args.memory:
+            entry["memory"] = measure_memory(args, name, rows, environment)
+        report["shapes"][name] = entry
+    leaked = [name for name in ("numpy", "torch", "tinymoe", "numba") if name in sys.modules]
+    print(f"\nparent process imported {', '.join(leaked) if leaked else 'none of numpy, torch, tinymoe, numba'}")
+    print(f"wall time {time.perf_counter() - started:.0f} s; load average now "
+          f"{', '.join(f'{value:.2f}' for value in os.getloadavg())}")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(report, handle, indent=1)
     return 0
 
 
-def memory_child(implementation, shape_name, mode, device):
-    """Peak memory above the set-up (weights, inputs) of one training step or one no_grad forward, in MiB."""
-    shape = SHAPES[shape_name]
-    problem = make_problem(shape)
-    if implementation == "tinymoe":
-        _, step, forward_only = tinymoe_step(problem, shape, device)
-    else:
-        step, forward_only = torch_steps(problem, shape, device)[implementation]
-    run = step if mode == "step" else forward_only
-    if device == "cuda":
-        return _cuda_peak(implementation, run)
-    run()  # first call: JIT compilation and library workspaces are set-up, not the step's memory
-    with open("/proc/self/clear_refs", "w") as handle:
-        handle.write("5")  # reset the peak resident size (VmHWM) to the current one
-    baseline = _resident_kib("VmRSS:")
-    run()
-    return (_resident_kib("VmHWM:") - baseline) / 1024
-
-
-def _cuda_peak(implementation, run):
-    run()
-    if implementation == "tinymoe":
-        import cupy
-
-        pool = cupy.get_default_memory_pool()
-        pool.free_all_blocks()
-        baseline, peak = pool.used_bytes(), [0]
-
-        class PeakHook(cupy.cuda.MemoryHook):
-            name = "peak"
-
-            def malloc_postprocess(self, device_id, size, mem_size, mem_ptr, pmem_id):
-                peak[0] = max(peak[0], pool.used_bytes())
-
-        with PeakHook():
-            run()
-            cupy.cuda.Device().synchronize()
-        return (peak[0] - baseline) / 2**20
-    import torch
-
-    torch.cuda.synchronize()
-    baseline = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    run()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - baseline) / 2**20
-
-
-def measure_memory(implementation, shape_name, mode, device):
-    command = [sys.executable, __file__, "--memory-child", implementation, shape_name, mode, "--device", device]
-    # glibc keeps freed blocks resident and raises its mmap threshold as big blocks come and go, so a second
-    # step would reuse the first one's pages and hide its peak; a fixed threshold returns them on free().
-    environment = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(1 << 17), MALLOC_TRIM_THRESHOLD_=str(1 << 17))
-    result = subprocess.run(command, capture_output=True, text=True, env=environment)
-    if result.returncode:
-        return f"failed: {result.stderr.strip().splitlines()[-1] if result.stderr.strip() else result.returncode}"
-    return f"{float(result.stdout.strip()):.0f} MiB"
-
-
-# ----- the table -------------------------------------------------------------------------------------------
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--shapes", default=None, help="comma-separated names (default: cpu-small on cpu, all on cuda)")
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--memory", action="store_true", help="also measure peak memory (fresh processes)")
-    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
-    parser.add_argument("--memory-child", nargs=3, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.memory_child:
-        print(memory_child(*args.memory_child, args.device))
-        return
-
-    import tinymoe as tm
-
-    if args.device == "cuda":
-        import cupy
-
-        xp, clock, matmul_size = cupy, Clock(lambda: cupy.cuda.Device().synchronize()), 8192
-    else:
-        xp, clock, matmul_size = np, Clock(), 2048
-    names = args.shapes.split(",") if args.shapes else (["cpu-small"] if args.device == "cpu" else list(SHAPES))
-    kernels = tm.kernels.chosen(args.device)
-    print(f"device {args.device}, kernels {kernels!r}; every row timed in turns with the others "
-          f"({args.repeats} rounds, median)")
-    results = []
-    for name in names:
-        shape = SHAPES[name]
-        problem = make_problem(shape)
-        moe, step, forward_only = tinymoe_step(problem, shape, args.device)
-        step()
-        steps = {"tinymoe": step,
-                 "expert matmuls alone": expert_matmuls_only(problem, shape, moe.stats.tokens_per_expert, xp)}
-        peer_steps = {peer: peer_step for peer, (peer_step, _) in torch_steps(problem, shape, args.device).items()}
-        matmul = f"{matmul_size}² matmul"
-        rows = clock.interleaved_medians_ms({**steps, **peer_steps, matmul: square_matmul(xp, matmul_size)},
-                                            args.repeats)
-        rate = 2.0 * matmul_size**3 / (rows.pop(matmul) / 1e3) / 1e9
-        reference = np.asarray(step().numpy(), dtype=np.float64)
-        agreement = {}
-        for peer, peer_step in peer_steps.items():
-            peer_out = peer_step().detach().cpu().numpy().astype(np.float64)
-            agreement[peer] = float(np.abs(peer_out - reference).max() / np.abs(reference).max())
-        peers = [value for key, value in rows.items() if key.startswith("torch")]
-        best_peer = min(peers) if peers else None
-        print(f"\n{name}: T={shape[0]} d={shape[1]} ff={shape[2]} E={shape[3]} k={shape[4]}, "
-              f"{flops(shape) / 1e9:.1f} GFLOP per step; float32 {matmul}: {rate:.0f} GFLOP/s")
-        print(f"  {'implementation':<26}{'ms':>9}{'GFLOP/s':>10}{'of matmul':>11}{'vs best peer':>14}")
-        for key, milliseconds in rows.items():
-            gflops = flops(shape) / (milliseconds / 1e3) / 1e9
-            versus = f"{milliseconds / best_peer:.2f}x" if best_peer else "-"
-            print(f"  {key:<26}{milliseconds:9.1f}{gflops:10.1f}{gflops / rate:10.0%}{versus:>14}")
-        for peer, error in agreement.items():
-            print(f"  outputs: tinymoe vs {peer}: max relative difference {error:.1e}")
-        result = {"shape": name, "ms": rows, "matmul_gflops": rate, "agreement": agreement, "kernels": kernels}
-        if args.memory:
-            memory = {}
-            for implementation in ["tinymoe", *agreement]:
-                memory[implementation] = {mode: measure_memory(implementation, name, mode, args.device)
-                                          for mode in ("step", "forward")}
-                print(f"  peak memory {implementation:<24} training step {memory[implementation]['step']:>9}, "
-                      f"no_grad forward {memory[implementation]['forward']:>9}")
-            result["memory"] = memory
-        results.append(result)
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(results, handle, indent=2)
-
-
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -19,16 +19,14 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench_dispatch import DeviceTimer, cases, make_problem, print_rate_table  # perf/ is this script's folder
 
-from bench_dispatch import DeviceTimer, cases, make_problem, print_rate_table  # noqa: E402  (perf/ is this script's folder)
+import tinymoe_api as api
 
-from tinymoe.engine.backend import import_cupy  # noqa: E402
-from tinymoe.kernels import cuda, reference  # noqa: E402
+reference = api.reference_kernels
 
 TOLERANCE = {"float64": 1e-11, "float32": 2e-5, "float16": 1.5e-2}  # relative to the output's scale
 SHAPES = {"cpu-small": (4096, 512, 8, 2, 1024), "mixtral-like": (16384, 1024, 8, 2, 2816),
@@ -116,17 +114,17 @@ def device_array(cupy, host, misaligned):
 
 
 def check_case(checker, dtype, case, seed):
-    cupy = checker.cupy
+    cupy, cuda = checker.cupy, api.cuda_kernels()
     n_tokens, d_model, n_experts, top_k, capacity, layout, misaligned = case
     rng = np.random.default_rng(seed)
     label = f"{np.dtype(dtype).name} T={n_tokens} d={d_model} E={n_experts} K={top_k} cap={capacity} {layout}" + (
         " misaligned" if misaligned else "")
     expert_ids = expert_choices(rng, n_tokens, n_experts, top_k, layout)
     valid = rng.random(expert_ids.shape) < 0.7 if layout == "valid mask" else None
-    plan_host = reference.routing_plan(expert_ids, n_experts, capacity, valid)
+    plan_host = api.routing_plan(expert_ids, n_experts, capacity, valid)
     valid_d = None if valid is None else cupy.asarray(valid)
     plan = cuda.routing_plan(cupy.asarray(expert_ids), n_experts, capacity, valid_d)
-    for field in ("tokens_per_expert", "expert_offsets", "row_token", "row_assignment", "assignment_row"):
+    for field in api.PLAN_INDEX_FIELDS:
         checker.compare(f"routing_plan.{field} {label}", np.int64, getattr(plan, field), getattr(plan_host, field),
                         exact=True)
 
@@ -168,7 +166,7 @@ def check_case(checker, dtype, case, seed):
 
 def time_shape(cupy, shape_name, dtype, repeats, warmup):
     n_tokens, d_model, n_experts, top_k, ff = SHAPES[shape_name]
-    timer = DeviceTimer(cupy)
+    timer, cuda = DeviceTimer(cupy), api.cuda_kernels()
     p = make_problem(cupy, n_tokens, d_model, n_experts, top_k, np.dtype(dtype))
     rng = np.random.default_rng(1)
     n_rows = p["plan"].n_rows
@@ -208,7 +206,8 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--skip-timing", action="store_true")
     args = parser.parse_args(argv)
-    cupy = import_cupy()
+    cupy = api.import_cupy()
+    print("NOTE: this script has not been run on a GPU since its last edit (none was available)")
     print(f"CuPy {cupy.__version__}, device: {cupy.cuda.runtime.getDeviceProperties(0)['name'].decode()}")
 
     checker = Checker(cupy)

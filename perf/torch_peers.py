@@ -1,7 +1,7 @@
 """The two PyTorch peers of perf/bench_moe.py (eager mode, written the way real code does it).
 
 Both compute the same layer as tinymoe's MoE(router="softmax", normalize_top_k=True, activation="swiglu",
-dropless) plus its load-balance loss, from the same weights:
+dropless) plus its load-balance loss, from the same weights (any float dtype; the router in float32 at least):
     transformers_style  loop over experts, torch.where per expert, index_add_ to combine (MixtralSparseMoeBlock)
     sort_based          stable argsort of the expert ids, one gather, contiguous per-expert matmuls, index_add_
 """
@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 def _route(x, router_weight, top_k):
     logits = x @ router_weight.T
-    probs = torch.softmax(logits.float(), dim=-1)
+    probs = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)  # >= float32
     top_probs, expert_ids = torch.topk(probs, top_k, dim=-1)
     weights = (top_probs / top_probs.sum(dim=-1, keepdim=True)).to(x.dtype)
     return probs, weights, expert_ids
@@ -56,4 +56,4 @@ def sort_based(x, router_weight, w1, w3, w2, top_k):
     return out, _aux_loss(probs, expert_ids, n_experts)
 
 
-PEERS = {"torch transformers-style": transformers_style, "torch sort-based": sort_based}
+PEERS = {"torch-loop": transformers_style, "torch-sort": sort_based}  # the row names of bench_moe.py
