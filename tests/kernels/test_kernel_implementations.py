@@ -14,7 +14,7 @@ from tinymoe.engine.backend import module_for_device, to_numpy
 from tinymoe.kernels import reference
 
 CASES = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-PLAN_FIELDS = ("tokens_per_expert", "expert_offsets", "row_token", "row_assignment", "assignment_row")
+PLAN_FIELDS = ("requested_per_expert", "expert_offsets", "row_token", "row_assignment", "assignment_row")
 
 
 def dtypes_for(device):

@@ -11,8 +11,7 @@ import pytest
 import tinymoe as tm
 from tinymoe import kernels
 from tinymoe.engine.backend import BackendUnavailableError, cuda_available, module_for_device, numba_available
-from tinymoe.functional import combine_rows, gather_rows
-from tinymoe.functional.dispatch import routing_plan
+from tinymoe.functional import combine_rows, gather_rows, routing_plan
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -32,10 +31,28 @@ def test_environment_variable_sets_the_choice(value, current):
     assert result.stdout.split() == [current, fastest if current == "auto" else current]
 
 
-def test_environment_variable_rejects_unknown_names():
-    result = run_python("import tinymoe.kernels", TINYMOE_KERNELS="fastest")
-    assert result.returncode != 0
-    assert "'fastest' is unknown" in result.stderr and "numba" in result.stderr
+def test_environment_variable_with_an_unknown_name_fails_at_first_use_not_at_import():
+    code = ("import numpy as np, tinymoe as tm\n"
+            "from tinymoe import kernels\n"
+            "print('problem:', kernels.environment_problem())\n"
+            "with kernels.use('numpy'):\n"
+            "    print('forced:', kernels.current())\n"
+            "try:\n"
+            "    tm.functional.gather_rows(tm.tensor(np.ones((3, 2))), np.array([0]))\n"
+            "except ValueError as error:\n"
+            "    print('ValueError:', error)\n")
+    result = run_python(code, TINYMOE_KERNELS="fastest")
+    assert result.returncode == 0, result.stderr
+    problem, forced, error = result.stdout.splitlines()
+    assert problem.startswith("problem: TINYMOE_KERNELS='fastest'") and "numba" in problem and "auto" in problem
+    assert forced == "forced: numpy"  # an explicit choice does not need the environment
+    assert error.startswith("ValueError: TINYMOE_KERNELS='fastest'") and "expected one of" in error
+
+
+def test_environment_problem_is_none_when_the_variable_is_fine():
+    result = run_python("import tinymoe.kernels as k; print(k.environment_problem())", TINYMOE_KERNELS="numpy")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "None"
 
 
 def test_environment_cupy_on_cpu_data_names_both_devices():
@@ -163,9 +180,9 @@ def leaf(array, device):
 def forward_and_backward(device, plan, x, weights, use_inverse):
     """Outputs and gradients of gather → combine, the dispatch of one MoE layer with identity experts."""
     x_t, w_t = leaf(x, device), leaf(weights, device)
-    rows = gather_rows(x_t, plan.row_token, plan.assignment_row if use_inverse else None)
+    rows = gather_rows(x_t, plan.row_token, token_rows=plan.assignment_row if use_inverse else None)
     y = rows * rows  # a nonlinearity between the two, so dy depends on the rows
-    out = combine_rows(y, plan.assignment_row, w_t, plan.row_assignment if use_inverse else None)
+    out = combine_rows(y, plan.assignment_row, w_t, row_assignment=plan.row_assignment if use_inverse else None)
     cotangent = out.xp.asarray(np.random.default_rng(1).standard_normal(out.shape))
     out.backward(cotangent)
     return [tm.engine.backend.to_numpy(a) for a in (rows.data, out.data, x_t.grad, w_t.grad)]
@@ -195,8 +212,10 @@ def test_gradcheck_gather_and_combine_under_every_implementation(device, capacit
     for name in kernels.available(device):
         with kernels.use(name):
             x_t, y_t, w_t = leaf(x, device), leaf(y, device), leaf(weights, device)
-            gather_inverse = plan.assignment_row if use_inverse else None
-            combine_inverse = plan.row_assignment if use_inverse else None
-            assert tm.gradcheck(lambda x_: gather_rows(x_, plan.row_token, gather_inverse), [x_t])
-            assert tm.gradcheck(lambda y_, w_: combine_rows(y_, plan.assignment_row, w_, combine_inverse), [y_t, w_t])
-            assert tm.gradcheck(lambda y_: combine_rows(y_, plan.assignment_row, None, combine_inverse), [y_t])
+            token_rows = plan.assignment_row if use_inverse else None
+            row_assignment = plan.row_assignment if use_inverse else None
+            assert tm.gradcheck(lambda x_: gather_rows(x_, plan.row_token, token_rows=token_rows), [x_t])
+            assert tm.gradcheck(lambda y_, w_: combine_rows(y_, plan.assignment_row, w_, row_assignment=row_assignment),
+                                [y_t, w_t])
+            assert tm.gradcheck(lambda y_: combine_rows(y_, plan.assignment_row, None, row_assignment=row_assignment),
+                                [y_t])

@@ -5,7 +5,8 @@
         ...
 """
 from .plan import RoutingPlan
-from .registry import CHOICES, PRIMITIVES, available, chosen, current, implementation, is_available, kernel, use
+from .registry import (CHOICES, PRIMITIVES, available, choices, chosen, current, environment_problem, implementation,
+                       is_available, kernel, register, unregister, use)
 
-__all__ = ["CHOICES", "PRIMITIVES", "RoutingPlan", "available", "chosen", "current", "implementation",
-           "is_available", "kernel", "use"]
+__all__ = ["CHOICES", "PRIMITIVES", "RoutingPlan", "available", "choices", "chosen", "current", "environment_problem",
+           "implementation", "is_available", "kernel", "register", "unregister", "use"]

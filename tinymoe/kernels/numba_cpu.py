@@ -4,21 +4,20 @@ Same names, signatures and results as `tinymoe.kernels.reference`, which defines
 is owner-computes: iteration i alone writes output row i, so there are no races and no atomics, and each
 sum is taken in a fixed order: results are identical run to run whatever the thread count. Wrappers only
 make the inputs contiguous (indices int64), allocate the output and call the kernel.
+
+Threads: with Numba's OpenMP layer, idle workers spin after each parallel region by default and hold the
+cores the OpenBLAS matmuls between kernel calls need; on a busy 2-core machine an MoE step then runs several
+times slower. The remedy, OMP_WAIT_POLICY=PASSIVE, is process-wide (libgomp reads it once, when it loads,
+and torch or any other OpenMP user shares it), so this library does not set it: programs set it themselves,
+before the first parallel call (an application such as the `tinymoe` command line may).
 """
 from __future__ import annotations
 
 import math
-import os
 
-# Numba's OpenMP workers spin-wait after each parallel region by default, holding the cores that the
-# OpenBLAS matmuls between our kernel calls need: on 2 cores an MoE step ran 10% slower (and single calls
-# up to 4x slower) than with sleeping workers. libgomp reads this when Numba starts its pool (the first
-# parallel call); a value the user set wins. (Numba's "workqueue" layer avoids the spin too, but aborts
-# the process when two Python threads call kernels at once.)
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import numpy as np  # noqa: E402
-from numba import njit, prange  # noqa: E402
+import numpy as np
+from numba import njit, prange, types
+from numba.extending import overload
 
 from .plan import RoutingPlan
 
@@ -69,7 +68,7 @@ def routing_plan(expert_ids, n_experts: int, capacity=None, valid=None) -> Routi
         expert_ids, valid_mask, n_experts, -1 if capacity is None else capacity)
     return RoutingPlan(
         n_tokens=n_tokens, top_k=top_k, n_experts=n_experts, capacity=capacity,
-        tokens_per_expert=requested, expert_offsets=expert_offsets, expert_offsets_host=expert_offsets.copy(),
+        requested_per_expert=requested, expert_offsets=expert_offsets, expert_offsets_host=expert_offsets.copy(),
         row_token=row_token, row_assignment=row_assignment, assignment_row=assignment_row,
         n_requested=int(requested.sum()),
     )
@@ -223,33 +222,17 @@ def scatter_add_rows(values, index, n_rows: int):
 
 
 # ----- SwiGLU ------------------------------------------------------------------------------------------
+# One kernel per op; only σ differs by dtype, picked when Numba compiles the kernel for a dtype (the
+# overloads below), so the choice costs nothing at run time. Each row first calls `_precompute_sigmoid`,
+# then reads σ of each element with `_sigmoid_at`:
+#   float32: the whole row's σ is computed into the output row by the vectorisable `_sigmoid_row_float32`
+#            (the output element is overwritten only after its σ was read);
+#   others:  nothing is precomputed and σ comes from the libm exp, element by element, fused with the rest
+#            of the arithmetic (a separate σ pass would cost float64 45% more).
 @njit(inline="always")
-def _sigmoid(a, one):
-    decay = math.exp(-abs(a))  # never overflows
-    return one / (one + decay) if a >= 0 else decay / (one + decay)
-
-
-@njit(parallel=True, cache=True)
-def _swiglu(a, b, h):
-    one = h.dtype.type(1)  # a constant of the data's dtype keeps float32 arithmetic in float32
-    for row in prange(a.shape[0]):
-        for column in range(a.shape[1]):
-            gate = a[row, column]
-            h[row, column] = gate * _sigmoid(gate, one) * b[row, column]
-
-
-@njit(parallel=True, cache=True)
-def _swiglu_backward(a, b, grad_h, grad_a, grad_b, h):
-    one = grad_a.dtype.type(1)
-    for row in prange(a.shape[0]):
-        for column in range(a.shape[1]):
-            gate, up = a[row, column], b[row, column]
-            sigma = _sigmoid(gate, one)
-            silu = gate * sigma
-            grad = grad_h[row, column]
-            grad_b[row, column] = grad * silu
-            grad_a[row, column] = grad * up * sigma * (one + gate * (one - sigma))
-            h[row, column] = silu * up
+def _sigmoid_exact(gate, one):
+    decay = math.exp(-abs(gate))  # never overflows
+    return one / (one + decay) if gate >= 0 else decay / (one + decay)
 
 
 # float32 SwiGLU spends its time in exp(), which the scalar libm call keeps from vectorising. This sigmoid
@@ -259,10 +242,10 @@ def _swiglu_backward(a, b, grad_h, grad_a, grad_b, h):
 _LOG2_E, _LN2_HIGH, _LN2_LOW = np.float32(1.4426950408889634), np.float32(0.693359375), np.float32(-2.12194440e-4)
 
 
-@njit(inline="always")
-def _sigmoid_row_float32(gates, sigma, exponent_bits):
-    """sigma[c] = σ(gates[c]) for one row; `exponent_bits` (int32, same width) is scratch."""
+def _sigmoid_row_float32(gates, sigma):
+    """sigma[c] = σ(gates[c]) for one float32 row, vectorisable (see above)."""
     one, half = np.float32(1), np.float32(0.5)
+    exponent_bits = np.empty(gates.shape[0], np.int32)
     for column in range(gates.shape[0]):
         x = max(-abs(gates[column]), np.float32(-87))
         n = np.floor(x * _LOG2_E + half)
@@ -279,26 +262,60 @@ def _sigmoid_row_float32(gates, sigma, exponent_bits):
         sigma[column] = inverse if gates[column] >= 0 else decay * inverse
 
 
-@njit(parallel=True, cache=True)
-def _swiglu_float32(a, b, h):
-    for row in prange(a.shape[0]):
-        _sigmoid_row_float32(a[row], h[row], np.empty(a.shape[1], np.int32))
-        for column in range(a.shape[1]):
-            h[row, column] = a[row, column] * h[row, column] * b[row, column]  # (a·σ)·b, as in the backward
+def _precompute_sigmoid(gates, sigma):
+    """float32: sigma[c] = σ(gates[c]) for the row; other dtypes: nothing. Compiled code only."""
+    raise NotImplementedError("runs inside Numba kernels only")
+
+
+def _sigmoid_at(gates, sigma, column):
+    """σ(gates[column]): read from `sigma` (float32, precomputed) or computed now. Compiled code only."""
+    raise NotImplementedError("runs inside Numba kernels only")
+
+
+@overload(_precompute_sigmoid, inline="always")
+def _precompute_sigmoid_for_dtype(gates, sigma):
+    if gates.dtype == types.float32:
+        return _sigmoid_row_float32
+
+    def nothing_to_precompute(gates, sigma):
+        pass
+    return nothing_to_precompute
+
+
+@overload(_sigmoid_at, inline="always")
+def _sigmoid_at_for_dtype(gates, sigma, column):
+    if gates.dtype == types.float32:
+        def precomputed(gates, sigma, column):
+            return sigma[column]
+        return precomputed
+
+    def computed(gates, sigma, column):
+        return _sigmoid_exact(gates[column], sigma.dtype.type(1))  # a constant of the data's dtype
+    return computed
 
 
 @njit(parallel=True, cache=True)
-def _swiglu_backward_float32(a, b, grad_h, grad_a, grad_b, h):
-    one = np.float32(1)
+def _swiglu(a, b, h):
     for row in prange(a.shape[0]):
-        _sigmoid_row_float32(a[row], h[row], np.empty(a.shape[1], np.int32))
+        gates, out = a[row], h[row]
+        _precompute_sigmoid(gates, out)
         for column in range(a.shape[1]):
-            gate, up, sigma = a[row, column], b[row, column], h[row, column]
+            out[column] = gates[column] * _sigmoid_at(gates, out, column) * b[row, column]  # (a·σ)·b, as below
+
+
+@njit(parallel=True, cache=True)
+def _swiglu_backward(a, b, grad_h, grad_a, grad_b, h):
+    one = grad_a.dtype.type(1)
+    for row in prange(a.shape[0]):
+        gates, out = a[row], h[row]
+        _precompute_sigmoid(gates, out)
+        for column in range(a.shape[1]):
+            gate, up, sigma = gates[column], b[row, column], _sigmoid_at(gates, out, column)
             silu = gate * sigma
             grad = grad_h[row, column]
             grad_b[row, column] = grad * silu
             grad_a[row, column] = grad * up * sigma * (one + gate * (one - sigma))
-            h[row, column] = silu * up
+            out[column] = silu * up
 
 
 def _as_rows(array, dtype):
@@ -313,7 +330,7 @@ def swiglu(a, b):
     dtype = np.result_type(a, b)
     a_rows, b_rows = _as_rows(a, dtype), _as_rows(b, dtype)
     h = np.empty(a_rows.shape, dtype)
-    (_swiglu_float32 if dtype == np.float32 else _swiglu)(a_rows, b_rows, h)
+    _swiglu(a_rows, b_rows, h)
     return h.reshape(np.shape(a))
 
 
@@ -322,6 +339,6 @@ def swiglu_backward(a, b, grad_h):
     dtype = np.result_type(a, b, grad_h)
     a_rows, b_rows, grad_rows = _as_rows(a, dtype), _as_rows(b, dtype), _as_rows(grad_h, dtype)
     grad_a, grad_b, h = (np.empty(a_rows.shape, dtype) for _ in range(3))
-    (_swiglu_backward_float32 if dtype == np.float32 else _swiglu_backward)(a_rows, b_rows, grad_rows, grad_a, grad_b, h)
+    _swiglu_backward(a_rows, b_rows, grad_rows, grad_a, grad_b, h)
     shape = np.shape(a)
     return grad_a.reshape(shape), grad_b.reshape(shape), h.reshape(shape)

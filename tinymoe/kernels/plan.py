@@ -26,7 +26,7 @@ class RoutingPlan:
     top_k: int
     n_experts: int
     capacity: int | None
-    tokens_per_expert: object   # (E,) int64, assignments each expert was asked to take (before capacity)
+    requested_per_expert: object  # (E,) int64, assignments each expert was asked to take (before capacity)
     expert_offsets: object      # (E+1,) int64 on the data's device, start of each expert's rows
     expert_offsets_host: np.ndarray  # the same on the host: the few integers the plan must sync
     row_token: object           # (M,) int64
@@ -41,6 +41,7 @@ class RoutingPlan:
 
     @property
     def kept_per_expert(self) -> np.ndarray:
+        """(E,) int64 on the host: rows each expert keeps (after capacity)."""
         return np.diff(self.expert_offsets_host)
 
     @property

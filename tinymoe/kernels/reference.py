@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..engine.array_math import stable_argsort
+from ..engine.array_math import scatter_add, sigmoid, stable_argsort
 from ..engine.backend import array_module, to_numpy
-from ..engine.basic_ops import scatter_add
 from .plan import RoutingPlan
 
 
@@ -45,7 +44,7 @@ def routing_plan(expert_ids, n_experts: int, capacity=None, valid=None) -> Routi
     assignment_row[row_assignment] = xp.arange(row_assignment.size, dtype=xp.int64)
     return RoutingPlan(
         n_tokens=n_tokens, top_k=top_k, n_experts=n_experts, capacity=capacity,
-        tokens_per_expert=requested.astype(xp.int64), expert_offsets=expert_offsets,
+        requested_per_expert=requested.astype(xp.int64), expert_offsets=expert_offsets,
         expert_offsets_host=np.asarray(to_numpy(expert_offsets), dtype=np.int64),
         row_token=row_token, row_assignment=row_assignment,
         assignment_row=assignment_row.reshape(n_tokens, top_k),
@@ -99,22 +98,15 @@ def scatter_add_rows(values, index, n_rows: int):
     return out
 
 
-def _sigmoid(xp, a):
-    decay = xp.exp(-xp.abs(a))  # never overflows
-    return xp.where(a >= 0, 1 / (1 + decay), decay / (1 + decay))
-
-
 def swiglu(a, b):
     """h = silu(a) · b = a · σ(a) · b."""
-    xp = array_module(a)
-    return a * _sigmoid(xp, a) * b
+    return a * sigmoid(a) * b
 
 
 def swiglu_backward(a, b, grad_h):
     """(da, db, h): da = g · b · σ(a)·(1 + a·(1 − σ(a))), db = g · a·σ(a), and h = a·σ(a)·b itself, from
     the same σ(a) (the experts' backward needs h for dw2; returning it saves a second pass)."""
-    xp = array_module(a)
-    sigma = _sigmoid(xp, a)
+    sigma = sigmoid(a)
     silu = a * sigma
     grad_b = grad_h * silu
     grad_a = grad_h * b * sigma * (1 + a * (1 - sigma))

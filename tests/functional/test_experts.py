@@ -1,0 +1,164 @@
+"""The expert ops (swiglu_experts, mlp_experts): values against a plain per-row loop, float64 gradchecks with an
+expert that gets no rows, argument checks (shapes, dtypes, offsets), and the unchecked entries."""
+import math
+
+import numpy as np
+import pytest
+
+import tinymoe as tm
+from tinymoe import kernels
+from tinymoe.functional import mlp_experts, swiglu_experts
+from tinymoe.functional.experts import mlp_experts_unchecked, swiglu_experts_unchecked
+
+N_EXPERTS, D_MODEL, D_FF = 3, 4, 5
+OFFSETS = [0, 3, 3, 7]  # expert 1 gets no rows
+
+
+def leaf(shape, seed, dtype="float64", scale=1.0):
+    values = scale * np.random.default_rng(seed).standard_normal(shape)
+    return tm.tensor(values, requires_grad=True, dtype=dtype)
+
+
+def swiglu_inputs(dtype="float64"):
+    xs = leaf((OFFSETS[-1], D_MODEL), 0, dtype)
+    w1, w3 = leaf((N_EXPERTS, D_FF, D_MODEL), 1, dtype, 0.5), leaf((N_EXPERTS, D_FF, D_MODEL), 2, dtype, 0.5)
+    w2 = leaf((N_EXPERTS, D_MODEL, D_FF), 3, dtype, 0.5)
+    return xs, w1, w3, w2
+
+
+def mlp_inputs(dtype="float64"):
+    xs = leaf((OFFSETS[-1], D_MODEL), 4, dtype)
+    w1, b1 = leaf((N_EXPERTS, D_FF, D_MODEL), 5, dtype, 0.5), leaf((N_EXPERTS, D_FF), 6, dtype, 0.5)
+    w2, b2 = leaf((N_EXPERTS, D_MODEL, D_FF), 7, dtype, 0.5), leaf((N_EXPERTS, D_MODEL), 8, dtype, 0.5)
+    return xs, w1, b1, w2, b2
+
+
+def expert_of_row(row, offsets):
+    return next(e for e in range(len(offsets) - 1) if offsets[e] <= row < offsets[e + 1])
+
+
+SCALAR_ACTIVATIONS = {
+    "relu": lambda v: max(v, 0.0),
+    "silu": lambda v: v / (1.0 + math.exp(-v)),
+    "gelu": lambda v: 0.5 * v * (1.0 + math.erf(v / math.sqrt(2.0))),
+}
+
+
+def swiglu_by_loops(xs, w1, w3, w2, offsets):
+    out = np.zeros((xs.shape[0], w2.shape[1]))
+    for r in range(xs.shape[0]):
+        e = expert_of_row(r, offsets)
+        for i in range(w2.shape[1]):
+            for f in range(w1.shape[1]):
+                gate, up = float(w1[e, f] @ xs[r]), float(w3[e, f] @ xs[r])
+                out[r, i] += w2[e, i, f] * SCALAR_ACTIVATIONS["silu"](gate) * up
+    return out
+
+
+def mlp_by_loops(xs, w1, b1, w2, b2, offsets, activation):
+    out = np.zeros((xs.shape[0], w2.shape[1]))
+    for r in range(xs.shape[0]):
+        e = expert_of_row(r, offsets)
+        hidden = [SCALAR_ACTIVATIONS[activation](float(w1[e, f] @ xs[r]) + b1[e, f]) for f in range(w1.shape[1])]
+        for i in range(w2.shape[1]):
+            out[r, i] = sum(w2[e, i, f] * hidden[f] for f in range(w1.shape[1])) + b2[e, i]
+    return out
+
+
+# ----- values and gradients ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("implementation", ["numpy", "auto"])
+def test_swiglu_experts_match_a_plain_loop(implementation):
+    inputs = swiglu_inputs()
+    with kernels.use(implementation):
+        out = swiglu_experts(*inputs, OFFSETS)
+    expected = swiglu_by_loops(*(t.numpy() for t in inputs), OFFSETS)
+    np.testing.assert_allclose(out.numpy(), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("activation", ["relu", "silu", "gelu"])
+def test_mlp_experts_match_a_plain_loop(activation):
+    inputs = mlp_inputs()
+    out = mlp_experts(*inputs, OFFSETS, activation)
+    expected = mlp_by_loops(*(t.numpy() for t in inputs), OFFSETS, activation)
+    np.testing.assert_allclose(out.numpy(), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("implementation", ["numpy", "auto"])
+def test_gradcheck_swiglu_experts_with_an_idle_expert(implementation):
+    inputs = swiglu_inputs()
+    with kernels.use(implementation):
+        assert tm.gradcheck(lambda *args: swiglu_experts(*args, OFFSETS), list(inputs))
+        xs, w1, w3, w2 = inputs
+        swiglu_experts(xs, w1, w3, w2, OFFSETS).sum().backward()
+    for weight in (w1, w3, w2):
+        assert not weight.grad[1].any()  # expert 1 saw no rows: exactly zero, not stale memory
+
+
+@pytest.mark.parametrize("activation", ["relu", "silu", "gelu"])
+def test_gradcheck_mlp_experts_with_an_idle_expert(activation):
+    inputs = mlp_inputs()
+    assert tm.gradcheck(lambda *args: mlp_experts(*args, OFFSETS, activation), list(inputs))
+    xs, w1, b1, w2, b2 = inputs
+    mlp_experts(*inputs, OFFSETS, activation).sum().backward()
+    for weight in (w1, b1, w2, b2):
+        assert not weight.grad[1].any()
+
+
+def test_no_rows_at_all():
+    xs, w1, w3, w2 = swiglu_inputs()
+    empty = tm.tensor(np.zeros((0, D_MODEL)), requires_grad=True, dtype="float64")
+    out = swiglu_experts(empty, w1, w3, w2, [0, 0, 0, 0])
+    assert out.shape == (0, D_MODEL)
+    out.sum().backward()
+    assert not w1.grad.any() and not w2.grad.any()
+
+
+def test_unchecked_entries_give_the_same_bits():
+    for public, unchecked, make, extra in ((swiglu_experts, swiglu_experts_unchecked, swiglu_inputs, ()),
+                                           (mlp_experts, mlp_experts_unchecked, mlp_inputs, ("gelu",))):
+        results = []
+        for function in (public, unchecked):
+            inputs = make()
+            out = function(*inputs, np.asarray(OFFSETS), *extra)
+            out.backward(np.random.default_rng(9).standard_normal(out.shape))
+            results.append([out.numpy()] + [t.grad for t in inputs])
+        for a, b in zip(*results):
+            np.testing.assert_array_equal(a, b)
+
+
+# ----- argument checks --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("offsets, message", [
+    ([0, 3, 7], r"expert_offsets must have E \+ 1 = 4 entries"),
+    ([1, 3, 3, 7], "must start at 0 and end at the rows of xs \\(7\\), got 1 ... 7"),
+    ([0, 3, 3, 6], "must start at 0 and end at the rows of xs"),
+    ([0, 4, 3, 7], r"must be non-decreasing, got expert_offsets\[1\] = 4 > expert_offsets\[2\] = 3"),
+])
+def test_offsets_are_checked(offsets, message):
+    with pytest.raises(ValueError, match=message):
+        swiglu_experts(*swiglu_inputs(), offsets)
+    with pytest.raises(ValueError, match=message):
+        mlp_experts(*mlp_inputs(), offsets, "relu")
+
+
+def test_offsets_must_be_host_integers():
+    with pytest.raises(TypeError, match="expert_offsets must hold integers"):
+        swiglu_experts(*swiglu_inputs(), [0.0, 3.0, 3.0, 7.0])
+
+
+def test_shapes_and_dtypes_are_checked():
+    xs, w1, w3, w2 = swiglu_inputs()
+    with pytest.raises(ValueError, match="swiglu_experts: w3 must have shape"):
+        swiglu_experts(xs, w1, w3[:2], w2, OFFSETS)
+    with pytest.raises(ValueError, match=r"swiglu_experts: w2 must have shape \(E, d, ff\) = \(3, 4, 5\)"):
+        swiglu_experts(xs, w1, w3, w3, OFFSETS)
+    with pytest.raises(ValueError, match="xs has 3 columns"):
+        swiglu_experts(xs[:, :3], w1, w3, w2, OFFSETS)
+    with pytest.raises(TypeError, match="swiglu_experts: w1 is float32 but xs is float64"):
+        swiglu_experts(xs, w1.astype("float32"), w3, w2, OFFSETS)
+    with pytest.raises(TypeError, match="xs must be a Tensor"):
+        swiglu_experts(xs.numpy(), w1, w3, w2, OFFSETS)
+    xs, w1, b1, w2, b2 = mlp_inputs()
+    with pytest.raises(ValueError, match=r"mlp_experts: b1 must have shape \(E, ff\) = \(3, 5\)"):
+        mlp_experts(xs, w1, b2, w2, b2, OFFSETS, "relu")
+    with pytest.raises(ValueError, match="activation='swiglu' is not supported; expected one of"):
+        mlp_experts(xs, w1, b1, w2, b2, OFFSETS, "swiglu")
