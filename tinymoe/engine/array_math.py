@@ -74,11 +74,18 @@ def log_softmax(x, axis: int = -1):
     return shifted - xp.log(xp.exp(shifted).sum(axis=axis, keepdims=True))
 
 
-def softmax(x, axis: int = -1):
-    """exp(x − m) / Σ exp(x − m)."""
+def softmax(x, axis: int = -1, masked_rows_to_zero: bool = False):
+    """exp(x − m) / Σ exp(x − m).
+
+    A row whose entries are all −inf gives 0/0 = NaN (as torch), or zeros with masked_rows_to_zero=True
+    (attention: a query that may attend no key gets no weight, and so a zero output and gradient).
+    """
     xp = array_module(x)
     weights = xp.exp(x - _shift(x, axis))
-    return weights / weights.sum(axis=axis, keepdims=True)
+    total = weights.sum(axis=axis, keepdims=True)
+    if masked_rows_to_zero:
+        total = xp.where(total > 0, total, 1)
+    return weights / total
 
 
 def softmax_backward(y, grad, axis: int = -1):

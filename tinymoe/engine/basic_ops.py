@@ -1,9 +1,12 @@
-"""The primitive ops behind Tensor's operators and methods, each forward beside its backward."""
+"""The primitive ops behind Tensor's operators and methods, each forward beside its backward.
+
+Tensor reaches them through `Tensor._ops`, which engine/__init__.py binds to this module (tensor.py cannot
+import it: these ops import Function, which imports Tensor).
+"""
 from __future__ import annotations
 
-import numbers
-
-from .array_math import ignore_float_errors
+from .array_math import ignore_float_errors, scatter_add
+from .checks import normalize_axes, normalize_permutation
 from .function import Function
 
 
@@ -18,25 +21,6 @@ def unbroadcast(grad, shape):
     if stretched:
         grad = grad.sum(axis=stretched, keepdims=True)
     return grad.reshape(shape)
-
-
-def _is_integer(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def normalize_axes(axis, ndim: int, argument: str = "axis"):
-    """`axis` (None, int or tuple) as a sorted tuple of non-negative axes; a clear error when out of range."""
-    if axis is None:
-        return tuple(range(ndim))
-    axes = (axis,) if _is_integer(axis) else tuple(axis)
-    normalized = []
-    for value in axes:
-        if not _is_integer(value) or not -ndim <= value < ndim:
-            raise ValueError(f"{argument}={axis!r} is out of range for an input with {ndim} dimension(s)")
-        normalized.append(int(value) % ndim)
-    if len(set(normalized)) != len(normalized):
-        raise ValueError(f"{argument}={axis!r} repeats an axis")
-    return tuple(sorted(normalized))
 
 
 def expand_reduced(grad, shape, axes):
@@ -173,16 +157,6 @@ def _is_basic_index(index) -> bool:
     return all(part is None or part is Ellipsis or isinstance(part, (int, slice)) for part in parts)
 
 
-def scatter_add(xp, target, index, values):
-    """target[index] += values, summing repeated indices (NumPy add.at; cupyx.scatter_add on CuPy)."""
-    if xp.__name__ == "numpy":
-        xp.add.at(target, index, values)
-    else:
-        import cupyx
-
-        cupyx.scatter_add(target, index, values)
-
-
 class GetItem(Function):
     """out = x[index] (NumPy indexing);  dx = zeros with g added at `index` (repeated indices summed)."""
 
@@ -206,7 +180,7 @@ class Sum(Function):
 
     @staticmethod
     def forward(ctx, x, axis=None, keepdims=False):
-        ctx.shape, ctx.axes = x.shape, normalize_axes(axis, x.ndim)
+        ctx.shape, ctx.axes = x.shape, normalize_axes(axis, x.ndim, "sum")
         return x.sum(axis=ctx.axes, keepdims=keepdims)
 
     @staticmethod
@@ -219,7 +193,7 @@ class Mean(Function):
 
     @staticmethod
     def forward(ctx, x, axis=None, keepdims=False):
-        ctx.shape, ctx.axes = x.shape, normalize_axes(axis, x.ndim)
+        ctx.shape, ctx.axes = x.shape, normalize_axes(axis, x.ndim, "mean")
         count = 1
         for axis_index in ctx.axes:
             count *= x.shape[axis_index]
@@ -238,7 +212,7 @@ class Max(Function):
 
     @staticmethod
     def forward(ctx, x, axis=None, keepdims=False):
-        axes = normalize_axes(axis, x.ndim)
+        axes = normalize_axes(axis, x.ndim, "max")
         if x.size == 0:
             raise ValueError(f"max of an empty input of shape {x.shape}")
         out_kept = x.max(axis=axes, keepdims=True)
@@ -275,11 +249,7 @@ class Transpose(Function):
 
     @staticmethod
     def forward(ctx, x, axes=None):
-        axes = tuple(reversed(range(x.ndim))) if axes is None else tuple(axes)
-        valid = all(_is_integer(axis) and -x.ndim <= axis < x.ndim for axis in axes)
-        if not valid or sorted(int(axis) % x.ndim for axis in axes) != list(range(x.ndim)):
-            raise ValueError(f"transpose: axes={axes} is not a permutation of the {x.ndim} axes of the input")
-        axes = tuple(int(axis) % x.ndim for axis in axes)
+        axes = tuple(reversed(range(x.ndim))) if axes is None else normalize_permutation(axes, x.ndim, "transpose")
         ctx.axes = axes
         return x.transpose(axes)
 

@@ -2,11 +2,13 @@
 argument, its value and what was expected, instead of a bare IndexError from deep inside NumPy."""
 from __future__ import annotations
 
+import math
 import numbers
 
 import numpy as np
 
 from .backend import device_of, module_for_device
+from .conversion import require_bool  # noqa: F401  (defined below Tensor, whose constructor uses it; public here)
 from .function import DeviceMismatchError
 from .tensor import Tensor
 
@@ -43,12 +45,18 @@ def require_same_dtype(op: str, **tensors) -> None:
             )
 
 
-def require_number(value, argument: str, op: str, low=None, high=None) -> float:
-    """`value` as a Python float (so it never promotes float32 data), checked against [low, high]."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not np.isfinite(float(value)):
-        raise TypeError(f"{op}: {argument}={value!r} must be a finite real number")
+def require_number(value, argument: str, op: str, low=None, high=None, finite: bool = True) -> float:
+    """`value` as a Python float (so it never promotes float32 data), checked against [low, high].
+
+    Bools are refused (True is not a number here). finite=True (the default) refuses NaN and ±inf;
+    finite=False lets ±inf through (and NaN, unless bounds are given: NaN lies in no interval).
+    """
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{op}: {argument}={value!r} must be a {'finite ' if finite else ''}real number")
     value = float(value)
-    if (low is not None and value < low) or (high is not None and value > high):
+    if finite and not math.isfinite(value):
+        raise TypeError(f"{op}: {argument}={value!r} must be a finite real number")
+    if (low is not None and not value >= low) or (high is not None and not value <= high):
         raise ValueError(f"{op}: {argument}={value!r} must be {_bounds(low, high)}")
     return value
 
@@ -63,12 +71,45 @@ def require_int(value, argument: str, op: str, low=None, high=None) -> int:
 
 
 def normalize_axis(axis, ndim: int, op: str, argument: str = "axis") -> int:
-    """One axis in [-ndim, ndim) as a non-negative int."""
-    if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
+    """One axis in [-ndim, ndim) as a non-negative int (NumPy integers accepted, bools refused)."""
+    if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, numbers.Integral):
         raise TypeError(f"{op}: {argument}={axis!r} must be an int")
     if not -ndim <= axis < ndim:
         raise ValueError(f"{op}: {argument}={axis} is out of range for an input with {ndim} dimension(s)")
     return int(axis) % ndim
+
+
+def normalize_axes(axis, ndim: int, op: str, argument: str = "axis") -> tuple:
+    """`axis` (None: every axis; an int; or a tuple/list of ints) as a sorted tuple of distinct non-negative axes."""
+    if axis is None:
+        return tuple(range(ndim))
+    if isinstance(axis, (tuple, list)):
+        axes = tuple(axis)
+    elif isinstance(axis, numbers.Integral) and not isinstance(axis, (bool, np.bool_)):
+        axes = (axis,)
+    else:
+        raise TypeError(f"{op}: {argument}={axis!r} must be None, an int or a tuple of ints")
+    normalized = []
+    for value in axes:
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"{op}: {argument}={axis!r} must hold ints, got {value!r}")
+        if not -ndim <= value < ndim:
+            raise ValueError(f"{op}: {argument}={axis!r} is out of range for an input with {ndim} dimension(s)")
+        normalized.append(int(value) % ndim)
+    if len(set(normalized)) != len(normalized):
+        raise ValueError(f"{op}: {argument}={axis!r} repeats an axis")
+    return tuple(sorted(normalized))
+
+
+def normalize_permutation(axes, ndim: int, op: str, argument: str = "axes") -> tuple:
+    """`axes` as a permutation of range(ndim) with negative axes made non-negative (transpose's argument)."""
+    axes = tuple(axes)
+    valid = all(isinstance(a, numbers.Integral) and not isinstance(a, (bool, np.bool_)) for a in axes)
+    if valid and all(-ndim <= a < ndim for a in axes):
+        normalized = tuple(int(a) % ndim for a in axes)
+        if sorted(normalized) == list(range(ndim)):
+            return normalized
+    raise ValueError(f"{op}: {argument}={axes} is not a permutation of the {ndim} axes of the input")
 
 
 def as_index_array(indices, argument: str, op: str, device: str | None = None):

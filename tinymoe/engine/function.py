@@ -24,6 +24,7 @@ import numpy as np
 
 from .autograd import Node, is_grad_enabled
 from .backend import array_module
+from .tensor import Tensor
 
 
 class DeviceMismatchError(ValueError):
@@ -112,6 +113,3 @@ class Function:
 def _is_float_array(value) -> bool:
     dtype = getattr(value, "dtype", None)
     return dtype is not None and hasattr(value, "shape") and dtype.kind == "f"
-
-
-from .tensor import Tensor  # noqa: E402  (tensor.py imports this module's users; Tensor is needed only at call time)

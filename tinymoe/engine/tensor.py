@@ -1,4 +1,22 @@
-"""`Tensor`: an ndarray of its backend (NumPy or CuPy) plus what reverse-mode differentiation needs."""
+"""`Tensor`: an ndarray of its backend (NumPy or CuPy) plus what reverse-mode differentiation needs.
+
+Where the operators come from. `x + y`, `x @ w`, `x[i]`, `x.sum()`, `x.astype()` ... are Functions written in
+engine/basic_ops.py, each forward beside its backward. basic_ops imports Function and Function imports Tensor
+(it wraps every output in one), so this module must not import basic_ops: that would be a circle. Instead
+each operator calls its op through the class attribute `Tensor._ops` (`self._ops.Add.apply(self, other)`),
+which `tinymoe/engine/__init__.py`, sitting above both, fills once with `bind_ops(basic_ops)`. Importing any
+tinymoe module runs that `__init__` first, so the table is filled before a tensor can exist. The engine's
+imports form a tree: backend <- autograd, conversion <- tensor <- function <- checks <- basic_ops <- __init__.
+
+One dtype rule for the whole engine. A tensor holds float32 or float64 data (float16 on CUDA); comparisons
+give bool tensors, used as masks; tinymoe.tensor() converts integer data to float (indices travel as plain
+integer arrays), and a Tensor holding integers that slipped past it is refused by every operator. An op on two or more Tensors of different floating dtypes (float32 with
+float64, in +, *, @, where, a loss, a norm, concatenate, ...) raises a TypeError naming the op and both dtypes:
+cast one with .astype(); nothing is promoted silently. Python numbers, NumPy scalars and plain arrays are
+constants that take the tensor's dtype (`x * 0.5` and `x + np.ones(3)` stay float32 for a float32 x). A bool
+mask may meet a float tensor in arithmetic (`x * (x > 0)`): it never widens the result, which keeps the float
+tensor's dtype. Comparisons accept any mix (they carry no gradient).
+"""
 from __future__ import annotations
 
 import numbers
@@ -6,26 +24,39 @@ import numbers
 import numpy as np
 
 from . import autograd
-from .backend import array_module, device_of, module_for_device, normalize_device, normalize_dtype, to_device, to_numpy
+from .backend import array_module, device_of, normalize_device, normalize_dtype, to_device, to_numpy
+from .conversion import as_tensor_array, require_bool
+
+
+class _OpsNotBound:
+    """Stands in for `Tensor._ops` until engine/__init__.py binds the ops module (a partial import)."""
+
+    def __getattr__(self, name):
+        raise RuntimeError(f"Tensor operators are not bound yet (wanted {name}); import tinymoe.engine first")
 
 
 class Tensor:
-    """A floating array that can record the ops applied to it.
+    """A floating array (or a bool mask, from a comparison) that can record the ops applied to it.
 
     `.data`: the ndarray (numpy.ndarray on "cpu", cupy.ndarray on "cuda"). `.grad`: an array of the same
     shape and module once `backward()` has reached this tensor (leaf tensors only, or after
-    `retain_grad()`), else None. Operators broadcast like NumPy and un-broadcast in backward.
+    `retain_grad()`), else None. Operators broadcast like NumPy and un-broadcast in backward; operands follow
+    the dtype rule of the module docstring.
     """
 
     __slots__ = ("data", "grad", "requires_grad", "_node", "_output_index", "_retains_grad", "__weakref__")
     __array_priority__ = 1000  # ndarray <op> Tensor defers to Tensor's reflected operator
     __hash__ = object.__hash__  # __eq__ is elementwise; tensors still work as dict keys by identity
+    _ops = _OpsNotBound()  # engine.basic_ops once bind_ops() has run (see the module docstring)
 
     def __init__(self, data, requires_grad: bool = False):
         # Internal constructor: `data` must already be an array of a supported dtype. Use tinymoe.tensor().
+        if not (hasattr(data, "dtype") and hasattr(data, "shape")):
+            raise TypeError(f"Tensor(data): data must be a NumPy or CuPy array, got {type(data).__name__}; "
+                            "use tinymoe.tensor() to convert lists and numbers")
         self.data = data
         self.grad = None
-        self.requires_grad = bool(requires_grad)
+        self.requires_grad = require_bool(requires_grad, "requires_grad", "Tensor")
         self._node = None
         self._output_index = 0
         self._retains_grad = False
@@ -108,7 +139,7 @@ class Tensor:
     def astype(self, dtype) -> "Tensor":
         """Differentiable cast to another floating dtype."""
         dtype = normalize_dtype(dtype, self.device)
-        return self if dtype == self.dtype else _ops.Cast.apply(self, dtype)
+        return self if dtype == self.dtype else self._ops.Cast.apply(self, dtype)
 
     # ----- autograd ----------------------------------------------------------------------------------
     def backward(self, grad=None, retain_graph: bool = False) -> None:
@@ -140,10 +171,20 @@ class Tensor:
     def zero_grad(self) -> None:
         self.grad = None
 
-    # ----- arithmetic (each op is a Function in basic_ops.py) -----------------------------------------
-    def _operand(self, other) -> "Tensor":
-        """`other` as a Tensor; constants take this tensor's float dtype (float32 next to a boolean mask)."""
+    # ----- arithmetic (each op is a Function in basic_ops.py, reached through Tensor._ops) -------------
+    def _operand(self, other, op: str) -> "Tensor":
+        """`other` as a Tensor; constants take this tensor's float dtype (float32 next to a boolean mask);
+        a Tensor of another floating dtype is refused (the dtype rule)."""
+        for operand in (self, other):
+            if isinstance(operand, Tensor) and operand.dtype.kind not in "fb":
+                raise TypeError(f"{op}: a Tensor holding {operand.dtype} data cannot take part in arithmetic; "
+                                "make it with tinymoe.tensor(), which converts integers to float")
         if isinstance(other, Tensor):
+            if other.dtype != self.dtype and other.dtype.kind == "f" and self.dtype.kind == "f":
+                raise TypeError(
+                    f"{op}: a {self.dtype.name} tensor cannot be combined with a {other.dtype.name} tensor "
+                    "(tinymoe never promotes silently); cast one of them with .astype()"
+                )
             return other
         dtype = self.dtype if self.dtype.kind == "f" else np.dtype(np.float32)
         if isinstance(other, (numbers.Number, np.generic)):
@@ -153,46 +194,46 @@ class Tensor:
         return Tensor(self.xp.asarray(other).astype(dtype, copy=False))
 
     def __add__(self, other):
-        return _ops.Add.apply(self, self._operand(other))
+        return self._ops.Add.apply(self, self._operand(other, "add"))
 
     def __radd__(self, other):
-        return _ops.Add.apply(self._operand(other), self)
+        return self._ops.Add.apply(self._operand(other, "add"), self)
 
     def __sub__(self, other):
-        return _ops.Sub.apply(self, self._operand(other))
+        return self._ops.Sub.apply(self, self._operand(other, "sub"))
 
     def __rsub__(self, other):
-        return _ops.Sub.apply(self._operand(other), self)
+        return self._ops.Sub.apply(self._operand(other, "sub"), self)
 
     def __mul__(self, other):
-        return _ops.Mul.apply(self, self._operand(other))
+        return self._ops.Mul.apply(self, self._operand(other, "mul"))
 
     def __rmul__(self, other):
-        return _ops.Mul.apply(self._operand(other), self)
+        return self._ops.Mul.apply(self._operand(other, "mul"), self)
 
     def __truediv__(self, other):
-        return _ops.Div.apply(self, self._operand(other))
+        return self._ops.Div.apply(self, self._operand(other, "div"))
 
     def __rtruediv__(self, other):
-        return _ops.Div.apply(self._operand(other), self)
+        return self._ops.Div.apply(self._operand(other, "div"), self)
 
     def __pow__(self, exponent):
-        return _ops.Pow.apply(self, self._operand(exponent))
+        return self._ops.Pow.apply(self, self._operand(exponent, "pow"))
 
     def __rpow__(self, base):
-        return _ops.Pow.apply(self._operand(base), self)
+        return self._ops.Pow.apply(self._operand(base, "pow"), self)
 
     def __matmul__(self, other):
-        return _ops.MatMul.apply(self, self._operand(other))
+        return self._ops.MatMul.apply(self, self._operand(other, "matmul"))
 
     def __rmatmul__(self, other):
-        return _ops.MatMul.apply(self._operand(other), self)
+        return self._ops.MatMul.apply(self._operand(other, "matmul"), self)
 
     def __neg__(self):
-        return _ops.Neg.apply(self)
+        return self._ops.Neg.apply(self)
 
     def __getitem__(self, index):
-        return _ops.GetItem.apply(self, _raw_index(index))
+        return self._ops.GetItem.apply(self, _raw_index(index))
 
     # comparisons: no gradient; the result is a boolean tensor usable as a mask or in where()
     def _compare(self, other, compare):
@@ -219,21 +260,21 @@ class Tensor:
 
     # ----- reductions and shape ----------------------------------------------------------------------
     def sum(self, axis=None, keepdims: bool = False):
-        return _ops.Sum.apply(self, axis=axis, keepdims=keepdims)
+        return self._ops.Sum.apply(self, axis=axis, keepdims=keepdims)
 
     def mean(self, axis=None, keepdims: bool = False):
-        return _ops.Mean.apply(self, axis=axis, keepdims=keepdims)
+        return self._ops.Mean.apply(self, axis=axis, keepdims=keepdims)
 
     def max(self, axis=None, keepdims: bool = False):
-        return _ops.Max.apply(self, axis=axis, keepdims=keepdims)
+        return self._ops.Max.apply(self, axis=axis, keepdims=keepdims)
 
     def reshape(self, *shape):
         shape = shape[0] if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape
-        return _ops.Reshape.apply(self, tuple(int(size) for size in shape))
+        return self._ops.Reshape.apply(self, tuple(int(size) for size in shape))
 
     def transpose(self, *axes):
         axes = axes[0] if len(axes) == 1 and isinstance(axes[0], (tuple, list)) else axes
-        return _ops.Transpose.apply(self, tuple(axes) if axes else None)
+        return self._ops.Transpose.apply(self, tuple(axes) if axes else None)
 
     @property
     def T(self):
@@ -252,23 +293,17 @@ def _raw_index(index):
 def tensor(data, requires_grad: bool = False, dtype=None, device=None) -> Tensor:
     """Make a leaf Tensor holding a copy of `data` (nested lists, scalars, NumPy or CuPy arrays, a Tensor).
 
-    dtype: float32 by default; a floating array keeps its own dtype. device: where `data` lives by default.
+    dtype: float32 by default; a floating array keeps its own dtype (float64 stays float64). device: where
+    `data` lives by default. Strings, complex numbers, None and other objects raise TypeError; a finite value
+    that overflows `dtype` raises OverflowError (see engine/conversion.py).
     """
+    requires_grad = require_bool(requires_grad, "requires_grad", "tensor")
     if isinstance(data, Tensor):
         data = data.data
-    source_device = device_of(data)
-    device = source_device if device is None else normalize_device(device)
-    if dtype is None:
-        source_dtype = getattr(data, "dtype", None)
-        dtype = source_dtype if source_dtype is not None and source_dtype.kind == "f" else np.float32
-    dtype = normalize_dtype(dtype, device)
-    try:
-        host_or_device = data if source_device == device else to_device(data, device)
-        xp = module_for_device(device)
-        array = xp.array(host_or_device, dtype=dtype, copy=True)
-    except (TypeError, ValueError) as error:
-        raise TypeError(f"tensor(data): cannot make a {dtype.name} array of {type(data).__name__}: {error}") from None
-    return Tensor(array, requires_grad=requires_grad)
+    device = device_of(data) if device is None else normalize_device(device)
+    return Tensor(as_tensor_array(data, dtype, device, op="tensor"), requires_grad=requires_grad)
 
 
-from . import basic_ops as _ops  # noqa: E402  (basic_ops needs Tensor defined above)
+def bind_ops(ops) -> None:
+    """Give Tensor's operators their ops (the module engine/basic_ops.py); engine/__init__.py calls this once."""
+    Tensor._ops = ops

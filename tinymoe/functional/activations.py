@@ -1,7 +1,8 @@
 """Elementwise activations: relu, gelu (exact and tanh), silu, sigmoid, softplus, tanh, exp, log.
 
 Each is a Function whose backward is dx = g · f'(x), with f' written out in its docstring. The raw formulas
-(a stable sigmoid, the float64-accurate erf NumPy lacks) live in tinymoe.engine.array_math.
+(a stable sigmoid, the float64-accurate erf NumPy lacks, and relu/silu/exact gelu as (f, f') pairs, shared
+with the experts) live in tinymoe.engine.array_math; relu, silu and exact gelu keep f'(x) from forward.
 """
 from __future__ import annotations
 
@@ -23,13 +24,14 @@ class ReLU(Function):
 
     @staticmethod
     def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return ctx.xp.maximum(x, 0)
+        y, slope = array_math.relu_with_derivative(x)
+        ctx.save_for_backward(slope)
+        return y
 
     @staticmethod
     def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        return grad * (x > 0)
+        (slope,) = ctx.saved_tensors
+        return grad * slope
 
 
 class GELU(Function):
@@ -41,21 +43,23 @@ class GELU(Function):
 
     @staticmethod
     def forward(ctx, x, approximate):
-        ctx.save_for_backward(x)
         ctx.approximate = approximate
         if approximate == "tanh":
+            ctx.save_for_backward(x)
             return 0.5 * x * (1.0 + ctx.xp.tanh(_SQRT_2_OVER_PI * (x + _GELU_TANH_CUBIC * x**3)))
-        return x * array_math.normal_cdf(x)
+        y, slope = array_math.gelu_with_derivative(x)
+        ctx.save_for_backward(slope)
+        return y
 
     @staticmethod
     def backward(ctx, grad):
+        if ctx.approximate != "tanh":
+            (slope,) = ctx.saved_tensors
+            return grad * slope
         (x,) = ctx.saved_tensors
-        xp = ctx.xp
-        if ctx.approximate == "tanh":
-            t = xp.tanh(_SQRT_2_OVER_PI * (x + _GELU_TANH_CUBIC * x**3))
-            du_dx = _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_TANH_CUBIC * x * x)
-            return grad * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du_dx)
-        return grad * (array_math.normal_cdf(x) + x * array_math.normal_pdf(x))
+        t = ctx.xp.tanh(_SQRT_2_OVER_PI * (x + _GELU_TANH_CUBIC * x**3))
+        du_dx = _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_TANH_CUBIC * x * x)
+        return grad * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du_dx)
 
 
 class SiLU(Function):
@@ -63,14 +67,14 @@ class SiLU(Function):
 
     @staticmethod
     def forward(ctx, x):
-        gate = array_math.sigmoid(x)
-        ctx.save_for_backward(x, gate)
-        return x * gate
+        y, slope = array_math.silu_with_derivative(x)
+        ctx.save_for_backward(slope)
+        return y
 
     @staticmethod
     def backward(ctx, grad):
-        x, gate = ctx.saved_tensors
-        return grad * gate * (1.0 + x * (1.0 - gate))
+        (slope,) = ctx.saved_tensors
+        return grad * slope
 
 
 class Sigmoid(Function):
@@ -157,7 +161,7 @@ def relu(x: Tensor) -> Tensor:
 def gelu(x: Tensor, approximate: str = "none") -> Tensor:
     """x·Φ(x) (approximate="none", exact via erf) or its tanh approximation (approximate="tanh")."""
     require_tensor(x, "x", "gelu")
-    if approximate not in ("none", "tanh"):
+    if not isinstance(approximate, str) or approximate not in ("none", "tanh"):
         raise ValueError(f"gelu: approximate={approximate!r} must be 'none' or 'tanh'")
     return GELU.apply(x, approximate)
 

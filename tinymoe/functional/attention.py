@@ -15,10 +15,11 @@ import math
 
 import numpy as np
 
+from ..engine.array_math import softmax, softmax_backward
 from ..engine.basic_ops import unbroadcast
+from ..engine.checks import require_bool, require_number, require_same_dtype, require_tensor
 from ..engine.function import Function
 from ..engine.tensor import Tensor
-from ..engine.checks import require_number, require_same_dtype, require_tensor
 
 
 def _causal_mask(xp, query_len: int, key_len: int):
@@ -39,11 +40,7 @@ class ScaledDotProductAttention(Function):
         scores = (q @ k.swapaxes(-1, -2)) * scale
         if causal:
             scores = xp.where(_causal_mask(xp, q.shape[-2], k.shape[-2]), scores, -xp.inf)
-        # Stable softmax; rows with every key masked (max = −inf) shift by 0 and divide by 1, giving P = 0.
-        peak = scores.max(axis=-1, keepdims=True)
-        weights = xp.exp(scores - xp.where(xp.isfinite(peak), peak, 0))
-        total = weights.sum(axis=-1, keepdims=True)
-        probs = weights / xp.where(total > 0, total, 1)
+        probs = softmax(scores, -1, masked_rows_to_zero=True)  # a query that sees no key gets P = 0
         ctx.save_for_backward(q, k, v, probs)
         ctx.scale = scale
         return probs @ v
@@ -56,7 +53,7 @@ class ScaledDotProductAttention(Function):
             grad_v = unbroadcast(probs.swapaxes(-1, -2) @ grad_out, v.shape)
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
             grad_probs = grad_out @ v.swapaxes(-1, -2)
-            grad_scores = probs * (grad_probs - (grad_probs * probs).sum(axis=-1, keepdims=True))
+            grad_scores = softmax_backward(probs, grad_probs, -1)
             if ctx.needs_input_grad[0]:
                 grad_q = unbroadcast((grad_scores @ k) * ctx.scale, q.shape)
             if ctx.needs_input_grad[1]:
@@ -87,8 +84,7 @@ def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool =
         raise ValueError(
             f"{op}: the batch axes of q {q.shape[:-2]}, k {k.shape[:-2]} and v {v.shape[:-2]} do not broadcast"
         ) from None
-    if not isinstance(causal, bool):
-        raise TypeError(f"{op}: causal={causal!r} must be a bool")
+    causal = require_bool(causal, "causal", op)
     if scale is None:
         if q.shape[-1] == 0:
             raise ValueError(f"{op}: q has shape {q.shape}; the default scale 1/sqrt(D) needs D >= 1")

@@ -7,7 +7,7 @@ import numpy as np
 from ..engine.function import Function
 from ..engine.random import as_generator, uniform
 from ..engine.tensor import Tensor
-from ..engine.checks import require_number, require_tensor
+from ..engine.checks import require_bool, require_number, require_tensor
 
 
 class Dropout(Function):
@@ -36,8 +36,7 @@ def dropout(x: Tensor, p: float, training: bool = True, generator=None) -> Tenso
     """
     require_tensor(x, "x", "dropout")
     p = require_number(p, "p", "dropout", low=0.0, high=1.0)
-    if not isinstance(training, bool):
-        raise TypeError(f"dropout: training={training!r} must be a bool")
+    training = require_bool(training, "training", "dropout")
     generator = as_generator(generator)
     if not training or p == 0.0:
         return x

@@ -5,13 +5,14 @@ import numbers
 
 import numpy as np
 
-from ..engine.array_math import stable_argsort
+from ..engine.array_math import scatter_add, stable_argsort
 from ..engine.backend import device_of, module_for_device, normalize_dtype
-from ..engine.basic_ops import scatter_add, unbroadcast
-from ..engine.checks import (as_index_array, check_index_range, describe, normalize_axis, require_int,
+from ..engine.basic_ops import unbroadcast
+from ..engine.checks import (as_index_array, check_index_range, describe, normalize_axis, require_bool, require_int,
                              require_same_dtype, require_tensor)
 from ..engine.function import DeviceMismatchError, Function
 from ..engine.tensor import Tensor
+
 
 class Embedding(Function):
     """out[..., :] = weight[indices[...], :];  d_weight = scatter-add of g's rows at `indices` (repeats summed)
@@ -194,8 +195,7 @@ def topk(x: Tensor, k: int, axis: int = -1, largest: bool = True):
         raise ValueError("topk: x is 0-d; it needs at least one axis")
     axis = normalize_axis(axis, x.ndim, "topk")
     k = require_int(k, "k", "topk", low=1, high=x.shape[axis])
-    if not isinstance(largest, bool):
-        raise TypeError(f"topk: largest={largest!r} must be a bool")
+    largest = require_bool(largest, "largest", "topk")
     return TopK.apply(x, k, axis, largest)
 
 

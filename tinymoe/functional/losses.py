@@ -1,11 +1,9 @@
 """Losses: cross_entropy (from logits, with ignore_index) and mse_loss."""
 from __future__ import annotations
 
-import numbers
-
 from ..engine.function import Function
 from ..engine.tensor import Tensor
-from ..engine.checks import as_index_array, check_index_range, require_same_dtype, require_tensor
+from ..engine.checks import as_index_array, check_index_range, require_int, require_same_dtype, require_tensor
 from ..engine.array_math import log_softmax
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -62,8 +60,7 @@ def cross_entropy(logits: Tensor, targets, ignore_index: int = -100, reduction: 
             f"{op}: targets has shape {tuple(targets.shape)} but logits of shape {logits.shape} "
             f"need targets of shape {logits.shape[:-1]}"
         )
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
-        raise TypeError(f"{op}: ignore_index={ignore_index!r} must be an int")
+    ignore_index = require_int(ignore_index, "ignore_index", op)
     if reduction not in REDUCTIONS:
         raise ValueError(f"{op}: reduction={reduction!r} must be one of {REDUCTIONS}")
     check_index_range(targets, logits.shape[-1], "targets", op, ignore_index=int(ignore_index))

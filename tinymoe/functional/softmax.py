@@ -10,7 +10,8 @@ from __future__ import annotations
 from ..engine.array_math import log_softmax as log_softmax_array
 from ..engine.array_math import logsumexp as logsumexp_array
 from ..engine.array_math import softmax as softmax_array
-from ..engine.checks import normalize_axis, require_tensor
+from ..engine.array_math import softmax_backward
+from ..engine.checks import normalize_axis, require_bool, require_tensor
 from ..engine.function import Function
 from ..engine.tensor import Tensor
 
@@ -28,7 +29,7 @@ class Softmax(Function):
     @staticmethod
     def backward(ctx, grad):
         (y,) = ctx.saved_tensors
-        return y * (grad - (grad * y).sum(axis=ctx.axis, keepdims=True))
+        return softmax_backward(y, grad, ctx.axis)
 
 
 class LogSoftmax(Function):
@@ -87,6 +88,5 @@ def log_softmax(x: Tensor, axis: int = -1) -> Tensor:
 def logsumexp(x: Tensor, axis: int = -1, keepdims: bool = False) -> Tensor:
     """log(sum(exp(x), axis)); the axis is dropped unless keepdims."""
     axis = _checked(x, axis, "logsumexp")
-    if not isinstance(keepdims, bool):
-        raise TypeError(f"logsumexp: keepdims={keepdims!r} must be a bool")
+    keepdims = require_bool(keepdims, "keepdims", "logsumexp")
     return LogSumExp.apply(x, axis, keepdims)
