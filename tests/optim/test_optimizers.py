@@ -344,30 +344,100 @@ def test_load_state_dict_rejects_mismatches():
 
 
 # ----- hyperparameter checks -------------------------------------------------------------------------------
-BAD = [
-    (lambda ps: SGD(ps, lr=0.0), "lr"),
+BAD_VALUES = [  # in range for the type, out of range for the hyperparameter: ValueError naming it
     (lambda ps: SGD(ps, lr=-0.1), "lr"),
-    (lambda ps: SGD(ps, lr=math.nan), "lr"),
     (lambda ps: SGD(ps, lr=0.1, momentum=-0.5), "momentum"),
+    (lambda ps: SGD(ps, lr=0.1, momentum=1.0), "momentum"),
     (lambda ps: SGD(ps, lr=0.1, momentum=1.5), "momentum"),
     (lambda ps: SGD(ps, lr=0.1, weight_decay=-1e-3), "weight_decay"),
     (lambda ps: SGD(ps, lr=0.1, momentum=0.5, dampening=-0.1), "dampening"),
+    (lambda ps: SGD(ps, lr=0.1, momentum=0.5, dampening=1.5), "dampening"),
     (lambda ps: SGD(ps, lr=0.1, nesterov=True), "nesterov"),
     (lambda ps: SGD(ps, lr=0.1, momentum=0.9, dampening=0.1, nesterov=True), "nesterov"),
     (lambda ps: Adam(ps, lr=-1.0), "lr"),
     (lambda ps: Adam(ps, lr=1e-3, betas=(1.0, 0.999)), "beta1"),
+    (lambda ps: Adam(ps, lr=1e-3, betas=(-0.1, 0.999)), "beta1"),
     (lambda ps: Adam(ps, lr=1e-3, betas=(0.9, -0.1)), "beta2"),
+    (lambda ps: Adam(ps, lr=1e-3, betas=(0.9,)), "betas"),
+    (lambda ps: Adam(ps, lr=1e-3, betas=0.9), "betas"),
     (lambda ps: Adam(ps, lr=1e-3, eps=0.0), "eps"),
+    (lambda ps: Adam(ps, lr=1e-3, eps=-1e-8), "eps"),
     (lambda ps: Adam(ps, lr=1e-3, weight_decay=-0.1), "weight_decay"),
     (lambda ps: AdamW(ps, lr=1e-3, weight_decay=-0.1), "weight_decay"),
     (lambda ps: AdamW(ps, lr=1e-3, betas=(0.9, 1.0)), "beta2"),
 ]
 
 
-@pytest.mark.parametrize("make, name", BAD, ids=[f"{i}-{name}" for i, (_, name) in enumerate(BAD)])
-def test_bad_hyperparameters_raise_errors_that_name_them(make, name):
+@pytest.mark.parametrize("make, name", BAD_VALUES, ids=[f"{i}-{name}" for i, (_, name) in enumerate(BAD_VALUES)])
+def test_out_of_range_hyperparameters_raise_value_errors_that_name_them(make, name):
     with pytest.raises(ValueError, match=name):
         make([Parameter(np.zeros(2))])
+
+
+# not a finite real number: TypeError naming the hyperparameter (bool is not a number, even though True == 1)
+NOT_NUMBERS = [True, False, "0.1", None, math.nan, math.inf, -math.inf, [0.1]]
+HYPERPARAMETERS = [
+    (lambda ps, v: SGD(ps, lr=v), "lr"),
+    (lambda ps, v: SGD(ps, lr=0.1, momentum=v), "momentum"),
+    (lambda ps, v: SGD(ps, lr=0.1, weight_decay=v), "weight_decay"),
+    (lambda ps, v: SGD(ps, lr=0.1, dampening=v), "dampening"),
+    (lambda ps, v: Adam(ps, lr=v), "lr"),
+    (lambda ps, v: Adam(ps, eps=v), "eps"),
+    (lambda ps, v: Adam(ps, betas=(v, 0.999)), "beta1"),
+    (lambda ps, v: Adam(ps, betas=(0.9, v)), "beta2"),
+    (lambda ps, v: AdamW(ps, weight_decay=v), "weight_decay"),
+    (lambda ps, v: AdamW([{"params": ps, "lr": v}]), "lr"),
+]
+
+
+@pytest.mark.parametrize("value", NOT_NUMBERS, ids=repr)
+@pytest.mark.parametrize("make, name", HYPERPARAMETERS, ids=[f"{i}-{n}" for i, (_, n) in enumerate(HYPERPARAMETERS)])
+def test_hyperparameters_that_are_not_finite_numbers_raise_type_errors_that_name_them(make, name, value):
+    with pytest.raises(TypeError, match=rf"{name}=.*finite real number"):
+        make([Parameter(np.zeros(2))], value)
+
+
+def test_nesterov_must_be_a_bool():
+    with pytest.raises(TypeError, match="nesterov"):
+        SGD([Parameter(np.zeros(2))], lr=0.1, momentum=0.9, nesterov="yes")
+
+
+def test_a_zero_learning_rate_is_allowed_and_leaves_parameters_unchanged():
+    parameter = Parameter(np.array([1.0, -2.0]))
+    for optimizer in (SGD([parameter], lr=0.0, momentum=0.9), Adam([parameter], lr=0.0)):
+        parameter.grad = np.array([0.5, 0.25])
+        optimizer.step()
+        np.testing.assert_array_equal(parameter.data, [1.0, -2.0])
+
+
+@pytest.mark.parametrize("value, error", [(-0.1, ValueError), (True, TypeError), (math.nan, TypeError)])
+def test_the_lr_setter_checks_its_value_and_changes_nothing_when_bad(value, error):
+    optimizer = SGD([Parameter(np.zeros(2))], lr=0.1)
+    with pytest.raises(error, match="lr"):
+        optimizer.lr = value
+    assert optimizer.lr == 0.1
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda s: s["groups"][0].update(lr=-1.0), "lr"),
+    (lambda s: s["groups"][0].update(betas=[0.9, 2.0]), "beta2"),
+    (lambda s: s["groups"][0].update(eps=True), "eps"),
+    (lambda s: s["groups"][0].update(momentun=0.9), "momentun"),
+    (lambda s: s.update(groups="not a list"), "groups"),
+    (lambda s: s.update(step_count=-3), "step_count"),
+    (lambda s: s.update(step_count=1.5), "step_count"),
+    (lambda s: s.pop("state"), "state"),
+], ids=["lr", "beta2", "eps-bool", "unknown", "groups", "step_count-negative", "step_count-float", "no-state"])
+def test_load_state_dict_refuses_damaged_hyperparameters_and_changes_nothing(damage, message):
+    parameters = _two_parameters()
+    source = Adam(parameters, lr=0.01)
+    _steps(source, parameters, 0, 1)
+    state = source.state_dict()
+    damage(state)
+    target = Adam(_two_parameters(), lr=0.02)
+    with pytest.raises((ValueError, TypeError), match=message):
+        target.load_state_dict(state)
+    assert target.lr == 0.02 and target.step_count == 0 and not target.state
 
 
 def test_bad_parameter_lists():

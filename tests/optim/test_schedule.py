@@ -110,3 +110,59 @@ def test_scheduler_keeps_the_ratio_between_group_learning_rates():
         schedule.step()
     fast_lr, slow_lr = (group["lr"] for group in optimizer.param_groups)
     assert fast_lr == pytest.approx(10 * slow_lr)
+
+
+# ----- bad values: refused with the argument named, never clamped --------------------------------------------
+def test_a_floor_above_the_learning_rate_is_refused_not_clamped():
+    optimizer = SGD([Parameter(np.zeros(1))], lr=0.1)
+    with pytest.raises(ValueError, match=r"min_lr=0\.5.*0\.1.*group 0"):
+        WarmupCosine(optimizer, 2, 10, min_lr=0.5)
+    assert optimizer.lr == 0.1  # untouched
+    groups = SGD([{"params": [Parameter(np.zeros(1))]}, {"params": [Parameter(np.zeros(1))], "lr": 1e-4}], lr=0.1)
+    with pytest.raises(ValueError, match="group 1"):
+        WarmupCosine(groups, 2, 10, min_lr=1e-3)
+    with pytest.raises(ValueError, match="min_lr"):
+        warmup_cosine(5, 0.1, 2, 10, min_lr=0.2)
+
+
+def test_a_floor_equal_to_the_learning_rate_is_a_constant_schedule_after_warm_up():
+    optimizer = SGD([Parameter(np.zeros(1))], lr=0.1)
+    schedule = WarmupCosine(optimizer, 2, 10, min_lr=0.1)
+    seen = []
+    for _ in range(10):
+        seen.append(optimizer.lr)
+        schedule.step()
+    assert seen[:2] == [0.05, 0.1] and all(lr == pytest.approx(0.1, rel=1e-15) for lr in seen[2:])
+
+
+@pytest.mark.parametrize("options, error, name", [
+    (dict(min_lr=-1e-3), ValueError, "min_lr"),
+    (dict(min_lr=math.nan), TypeError, "min_lr"),
+    (dict(min_lr=True), TypeError, "min_lr"),
+    (dict(min_lr="0"), TypeError, "min_lr"),
+    (dict(warmup_steps=2.5), TypeError, "warmup_steps"),
+    (dict(warmup_steps=True), TypeError, "warmup_steps"),
+    (dict(total_steps=10.0), TypeError, "total_steps"),
+], ids=["min_lr-negative", "min_lr-nan", "min_lr-bool", "min_lr-str", "warmup-float", "warmup-bool", "total-float"])
+def test_scheduler_rejects_bad_types_and_values_naming_them(options, error, name):
+    arguments = {"warmup_steps": 2, "total_steps": 10, "min_lr": 0.0, **options}
+    with pytest.raises(error, match=name):
+        WarmupCosine(SGD([Parameter(np.zeros(1))], lr=0.1), **arguments)
+
+
+@pytest.mark.parametrize("state, name", [
+    ({"step_index": -1, "base_lrs": [0.1]}, "step_index"),
+    ({"step_index": 1.5, "base_lrs": [0.1]}, "step_index"),
+    ({"step_index": 1, "base_lrs": "0.1"}, "base_lrs"),
+    ({"step_index": 1, "base_lrs": [math.inf]}, "base_lrs"),
+    ({"step_index": 1, "base_lrs": [0.1, 0.2]}, "group"),
+    ({"step_index": 1, "base_lrs": [1e-5]}, "min_lr"),
+    ({"base_lrs": [0.1]}, "step_index"),
+    ([1, [0.1]], "dict"),
+], ids=["negative-step", "float-step", "str-lrs", "inf-lr", "too-many", "below-floor", "no-step", "list"])
+def test_scheduler_load_state_dict_refuses_damaged_state_and_changes_nothing(state, name):
+    optimizer = SGD([Parameter(np.zeros(1))], lr=0.1)
+    schedule = WarmupCosine(optimizer, 2, 10, min_lr=1e-3)
+    with pytest.raises((ValueError, TypeError), match=name):
+        schedule.load_state_dict(state)
+    assert schedule.step_index == 0 and schedule.base_lrs == [0.1] and optimizer.lr == 0.05

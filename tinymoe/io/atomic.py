@@ -4,7 +4,22 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
+
+_TEMPORARY = re.compile(r"\.tmp-[0-9a-f]{16}-(.+)")
+
+
+def temporary_path(path) -> str:
+    """A fresh temporary name beside `path`: DIR/.tmp-<16 hex digits>-NAME."""
+    directory, name = os.path.split(os.path.abspath(os.fspath(path)))
+    return os.path.join(directory, f".tmp-{secrets.token_hex(8)}-{name}")
+
+
+def is_temporary_of(filename: str, name: str) -> bool:
+    """Whether `filename` (a bare file name) is a temporary file atomic_write made for a file called `name`."""
+    match = _TEMPORARY.fullmatch(filename)
+    return bool(match) and match.group(1) == name
 
 
 @contextlib.contextmanager
@@ -15,8 +30,7 @@ def atomic_write(path, mode: str = "wb"):
     (tempfile.mkstemp would make it 0o600, and reading the umask means changing it, for every thread).
     """
     path = os.fspath(path)
-    directory, name = os.path.split(os.path.abspath(path))
-    temporary = os.path.join(directory, f".tmp-{secrets.token_hex(8)}-{name}")
+    temporary = temporary_path(path)
     descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(descriptor, mode) as handle:

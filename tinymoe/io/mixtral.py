@@ -10,6 +10,7 @@ They map onto tinymoe's router.weight, experts.w1, experts.w3, experts.w2 withou
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -20,15 +21,52 @@ _FUSED = ("experts.gate_up_proj", "experts.down_proj")
 _PER_EXPERT = re.compile(r"experts\.(\d+)\.(w1|w2|w3)\.weight$")
 
 
+def _router_prefixes(state_dict) -> list:
+    """Block prefixes ("" or ending in ".") with a router key `<prefix>gate.weight` directly under them, so that
+    Qwen2-MoE's `mlp.shared_expert_gate.weight` is not taken for a router."""
+    return sorted({key[: -len(_ROUTER)] for key in state_dict
+                   if key.endswith(_ROUTER) and (key == _ROUTER or key[-len(_ROUTER) - 1] == ".")})
+
+
 def _common_prefix(state_dict, prefix):
     if prefix is not None:
+        if not isinstance(prefix, str):
+            raise TypeError(f"load_mixtral: prefix={prefix!r} must be a string such as "
+                            "'model.layers.0.block_sparse_moe.'")
         return prefix
-    prefixes = sorted({key[: -len(_ROUTER)] for key in state_dict if key.endswith(_ROUTER)})
+    prefixes = _router_prefixes(state_dict)
     if not prefixes:
         raise KeyError(f"load_mixtral: no '{_ROUTER}' key found (keys start with {sorted(state_dict)[:5]})")
     if len(prefixes) > 1:
         raise ValueError(f"load_mixtral: several layers in this state dict ({prefixes}); pass prefix= to pick one")
     return prefixes[0]
+
+
+def _check_state_dict(state_dict) -> None:
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"load_mixtral: state_dict must be a mapping {{name: array}} (e.g. from "
+                        f"tinymoe.io.load_safetensors), got {type(state_dict).__name__}")
+    bad_keys = [key for key in state_dict if not isinstance(key, str)]
+    if bad_keys:
+        raise TypeError(f"load_mixtral: state_dict keys must be strings, got {bad_keys[:3]!r}")
+
+
+def _as_array(key, value) -> np.ndarray:
+    """`value` as a NumPy array of real numbers; TypeError naming `key` for strings, objects, None..."""
+    try:
+        array = np.asarray(value)
+    except (TypeError, ValueError, RuntimeError) as error:  # torch bfloat16 tensors raise TypeError here
+        raise TypeError(f"load_mixtral: {key} is not a NumPy-convertible array ({error})") from None
+    if array.dtype.kind not in "fiu":
+        raise TypeError(f"load_mixtral: {key} holds {array.dtype} values ({type(value).__name__}); expected an "
+                        "array of floating-point numbers")
+    return array
+
+
+def _require_finite(key, array) -> None:
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+        raise FloatingPointError(f"load_mixtral: {key} holds {bad} NaN or infinite value(s) of {array.size}")
 
 
 def _check_layer(moe):
@@ -41,6 +79,7 @@ def _check_layer(moe):
 
 def mixtral_arrays(moe, state_dict, prefix=None) -> dict:
     """{"router.weight", "experts.w1", "experts.w3", "experts.w2"} as NumPy arrays, checked against `moe`."""
+    _check_state_dict(state_dict)
     _check_layer(moe)
     prefix = _common_prefix(state_dict, prefix)
     own = {key[len(prefix):]: value for key, value in state_dict.items() if key.startswith(prefix)}
@@ -57,11 +96,13 @@ def mixtral_arrays(moe, state_dict, prefix=None) -> dict:
     unexpected = [prefix + key for key in own if key not in expected_shapes]
     if missing or unexpected:
         raise KeyError(f"load_mixtral: missing keys {missing}, unexpected keys {unexpected}")
-    arrays = {key: np.asarray(value) for key, value in own.items()}
+    arrays = {key: _as_array(prefix + key, value) for key, value in own.items()}
     wrong = [f"{prefix}{key}: got {arrays[key].shape}, expected {shape}"
              for key, shape in expected_shapes.items() if arrays[key].shape != shape]
     if wrong:
         raise ValueError("load_mixtral: shape mismatch for " + "; ".join(wrong))
+    for key, array in arrays.items():  # a full pass over the data: after the cheap checks
+        _require_finite(prefix + key, array)
     if _FUSED[0] in arrays:
         gate_up = arrays[_FUSED[0]]
         w1, w3, w2 = gate_up[:, :d_ff], gate_up[:, d_ff:], arrays[_FUSED[1]]
@@ -78,7 +119,8 @@ def load_mixtral(moe, state_dict, prefix=None) -> None:
     targets = {"router.weight": moe.router.weight, "experts.w1": moe.experts.w1,
                "experts.w3": moe.experts.w3, "experts.w2": moe.experts.w2}
     for name, parameter in targets.items():
-        parameter.data = to_device(np.ascontiguousarray(arrays[name], dtype=parameter.dtype), parameter.device)
+        # np.array copies: a parameter must never be a read-only view of a memory-mapped .safetensors file
+        parameter.data = to_device(np.array(arrays[name], dtype=parameter.dtype, order="C"), parameter.device)
         parameter.grad = None
 
 

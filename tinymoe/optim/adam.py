@@ -1,7 +1,7 @@
 """Adam (Kingma & Ba 2015) and AdamW (Loshchilov & Hutter 2019: decoupled weight decay)."""
 from __future__ import annotations
 
-from .optimizer import Optimizer, check_hyperparameters
+from .optimizer import Optimizer, check_hyperparameter, check_hyperparameters
 
 
 class Adam(Optimizer):
@@ -17,13 +17,14 @@ class Adam(Optimizer):
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
 
     def check_group(self, group):
-        try:
-            beta1, beta2 = group["betas"]
-        except (TypeError, ValueError):
-            raise ValueError(f"betas={group['betas']!r} must be a pair (beta1, beta2)") from None
-        check_hyperparameters(group["lr"], group["weight_decay"], beta1=(beta1, 0.0, 1.0), beta2=(beta2, 0.0, 1.0))
-        if not (isinstance(group["eps"], (int, float)) and group["eps"] > 0):
-            raise ValueError(f"eps={group['eps']!r} must be positive")
+        op = type(self).__name__
+        betas = group["betas"]
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+            raise ValueError(f"{op}: betas={betas!r} must be a pair (beta1, beta2)")
+        check_hyperparameters(group["lr"], group["weight_decay"], op)
+        for name, beta in zip(("beta1", "beta2"), betas):
+            check_hyperparameter(beta, name, op, low=0.0, high=1.0, high_open=True)
+        check_hyperparameter(group["eps"], "eps", op, low=0.0, low_open=True)
 
     def _update(self, parameter, grad, state, group):
         beta1, beta2 = group["betas"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..engine.backend import to_device, to_numpy
+from ..engine.checks import require_number
 from ..nn.module import Parameter
 
 
@@ -50,7 +51,8 @@ class Optimizer:
                     self._update(parameter, parameter.grad, self.state.setdefault(id(parameter), {}), group)
 
     def check_group(self, group: dict) -> None:
-        """Raise ValueError naming any hyperparameter of `group` (defaults merged with overrides) out of range."""
+        """Raise an error naming any hyperparameter of `group` (defaults merged with overrides) that is not a
+        finite number (TypeError) or out of its range (ValueError)."""
         raise NotImplementedError
 
     def _update(self, parameter, grad, state, group) -> None:
@@ -71,7 +73,12 @@ class Optimizer:
 
     def load_state_dict(self, state_dict: dict) -> None:
         parameters = self.parameters()
+        if not isinstance(state_dict, dict) or not {"groups", "state", "step_count"} <= set(state_dict):
+            raise ValueError(f"{type(self).__name__}.load_state_dict: expected a dict with groups, state and "
+                             f"step_count, got {type(state_dict).__name__}")
         groups = state_dict["groups"]
+        if not isinstance(groups, (list, tuple)) or not all(isinstance(group, dict) for group in groups):
+            raise ValueError(f"optimizer state groups must be a list of dicts, got {groups!r:.80}")
         if len(groups) != len(self.param_groups):
             raise ValueError(f"optimizer state has {len(groups)} parameter group(s), this optimizer {len(self.param_groups)}")
         new_state = {}
@@ -90,9 +97,20 @@ class Optimizer:
                     raise ValueError(f"optimizer state {name!r} of parameter {position} has shape {np.shape(value)}, "
                                      f"the parameter {parameter.shape}")
             new_state[id(parameter)] = restored
+        step_count = state_dict["step_count"]
+        if isinstance(step_count, bool) or not isinstance(step_count, (int, np.integer)) or step_count < 0:
+            raise ValueError(f"optimizer state step_count={step_count!r} must be an int >= 0")
+        merged_groups = []
         for group, saved in zip(self.param_groups, groups):
-            group.update(saved)
-        self.state, self.step_count = new_state, int(state_dict["step_count"])
+            unknown = set(saved) - set(self.defaults)
+            if unknown:
+                raise ValueError(f"optimizer state group has unknown hyperparameter(s) {sorted(unknown)}")
+            merged = {**group, **saved}
+            self.check_group(merged)  # every group is checked before any is changed
+            merged_groups.append(merged)
+        for group, merged in zip(self.param_groups, merged_groups):
+            group.update(merged)
+        self.state, self.step_count = new_state, int(step_count)
 
     @property
     def lr(self) -> float:
@@ -102,16 +120,26 @@ class Optimizer:
     @lr.setter
     def lr(self, value: float) -> None:
         """One learning rate for every group (a schedule that keeps groups' ratios sets group["lr"] instead)."""
-        check_hyperparameters(value)
+        value = check_hyperparameter(value, "lr", f"{type(self).__name__}.lr", low=0.0)
         for group in self.param_groups:
             group["lr"] = value
 
 
-def check_hyperparameters(lr, weight_decay=0.0, **others) -> None:
-    if not (isinstance(lr, (int, float)) and lr > 0):
-        raise ValueError(f"lr={lr!r} must be a positive number")
-    if not (isinstance(weight_decay, (int, float)) and weight_decay >= 0):
-        raise ValueError(f"weight_decay={weight_decay!r} must be a non-negative number")
-    for name, (value, low, high) in others.items():
-        if not (isinstance(value, (int, float)) and low <= value < high):
-            raise ValueError(f"{name}={value!r} must be in [{low}, {high})")
+def check_hyperparameter(value, name: str, op: str, low=None, high=None, low_open=False, high_open=False) -> float:
+    """`value` as a float: a finite real number (not a bool) in the interval from `low` to `high`, each end
+    closed unless `low_open` / `high_open`. TypeError for a non-number, a bool or a non-finite value (as
+    engine.checks.require_number), ValueError naming `name`, its value and the interval otherwise."""
+    value = require_number(value, name, op, finite=True)  # TypeError for bool, str, None, nan, inf
+    below = low is not None and (value <= low if low_open else value < low)
+    above = high is not None and (value >= high if high_open else value > high)
+    if below or above:
+        interval = f"{'(' if low_open else '['}{'-inf' if low is None else low}, " \
+                   f"{'inf' if high is None else high}{')' if high_open or high is None else ']'}"
+        raise ValueError(f"{op}: {name}={value!r} must be in {interval}")
+    return value
+
+
+def check_hyperparameters(lr, weight_decay=0.0, op: str = "optimizer") -> None:
+    """lr finite >= 0 (0 freezes a group; a schedule's floor may be 0), weight_decay finite >= 0."""
+    check_hyperparameter(lr, "lr", op, low=0.0)
+    check_hyperparameter(weight_decay, "weight_decay", op, low=0.0)

@@ -1,7 +1,8 @@
 """SGD with momentum and Nesterov momentum (torch semantics)."""
 from __future__ import annotations
 
-from .optimizer import Optimizer, check_hyperparameters
+from ..engine.checks import require_bool
+from .optimizer import Optimizer, check_hyperparameter, check_hyperparameters
 
 
 class SGD(Optimizer):
@@ -14,10 +15,13 @@ class SGD(Optimizer):
                                   "weight_decay": weight_decay, "dampening": dampening})
 
     def check_group(self, group):
-        check_hyperparameters(group["lr"], group["weight_decay"], momentum=(group["momentum"], 0.0, 1.0),
-                              dampening=(group["dampening"], 0.0, 1.0 + 1e-12))
+        check_hyperparameters(group["lr"], group["weight_decay"], "SGD")
+        # momentum < 1: with mu >= 1 the buffer b = mu*b + g never forgets and grows without bound
+        check_hyperparameter(group["momentum"], "momentum", "SGD", low=0.0, high=1.0, high_open=True)
+        check_hyperparameter(group["dampening"], "dampening", "SGD", low=0.0, high=1.0)
+        require_bool(group["nesterov"], "nesterov", "SGD")
         if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
-            raise ValueError(f"nesterov=True needs momentum > 0 and dampening = 0 (got momentum={group['momentum']}, "
+            raise ValueError(f"SGD: nesterov=True needs momentum > 0 and dampening = 0 (got momentum={group['momentum']}, "
                              f"dampening={group['dampening']})")
 
     def _update(self, parameter, grad, state, group):
