@@ -30,14 +30,14 @@ if not os.path.exists(os.path.join(checkpoint, "checkpoint.npz")):
     checkpoint = "runs/examples/tiny"
     os.makedirs(checkpoint, exist_ok=True)
     data = CharData.from_text(generate_corpus(50_000), seq_len=32)
-    config = TransformerConfig(vocab_size=len(data.vocab), d_model=32, n_layers=1, max_seq_len=32, d_ff=64)
+    config = TransformerConfig(vocab_size=len(data.vocab), d_model=32, n_layers=1, max_seq_len=32, moe=dict(d_ff=64))
     Trainer(config, TrainConfig(steps=60, seq_len=32, eval_every=60, eval_batches=2), data, checkpoint,
             stream=open(os.devnull, "w")).run()
 
 # 1. Load: the model comes back in eval mode, with the vocabulary it was trained on.
 model, vocab = load_trained_model(checkpoint)
 print(f"loaded {model.num_parameters():,} parameters, {len(vocab)} symbols, "
-      f"{len(model.moe_layers())} MoE layer(s) of {model.config.n_experts} experts")
+      f"{len(model.moe_layers())} MoE layer(s) of {model.config.moe.n_experts} experts")
 
 # 2. Score text: the probability of each next character, computed by hand from the logits.
 prompt = "the small fox "
@@ -53,7 +53,7 @@ print(f"after {prompt!r} the model expects: " + ", ".join(f"{vocab[i]!r} {probab
 continuation = model.generate([vocab.index(c) for c in prompt], length=60, temperature=0.7, generator=0)
 print("sample:", prompt + "".join(vocab[t] for t in continuation).split("\n")[0])
 for index, layer in enumerate(model.moe_layers()):
-    print(f"MoE layer {index}: tokens per expert in the last forward {layer.stats.tokens_per_expert.tolist()}")
+    print(f"MoE layer {index}: tokens per expert in the last forward {layer.stats.kept_per_expert.tolist()}")
 
 # 4. The proof: nothing but NumPy was needed.
 print("numba imported:", "numba" in sys.modules, "| cupy imported:", "cupy" in sys.modules)

@@ -34,7 +34,8 @@ loaded = tm.io.load_safetensors(path)
 print(f"{path}: {len(loaded)} tensors, e.g. {prefix}experts.0.w1.weight {loaded[prefix + 'experts.0.w1.weight'].shape}")
 
 # 3. A tinymoe layer with Mixtral's semantics (softmax top-2, renormalised weights, SwiGLU experts).
-moe = tm.nn.MoE(d_model, d_ff, n_experts, top_k=top_k, activation="swiglu", normalize_top_k=True)
+moe = tm.nn.MoE(d_model=d_model, d_ff=d_ff, n_experts=n_experts, top_k=top_k, activation="swiglu",
+                normalize_top_k=True)
 moe.load_mixtral(loaded)          # the prefix is found; missing, extra or mis-shaped keys raise an error
 moe.eval()
 

@@ -23,20 +23,22 @@ from tinymoe.train.data import CharData
 
 steps, batch_size, seq_len, n_experts = 80, 12, 48, 8
 data = CharData.from_text(generate_corpus(200_000), seq_len)
-common = dict(vocab_size=len(data.vocab), d_model=48, n_layers=1, n_heads=4, max_seq_len=seq_len, d_ff=48,
-              n_experts=n_experts, top_k=2)
-strategies = {
-    "softmax, no aux loss": dict(router="softmax", capacity_factor=1.0, aux_coef=0.0),
-    "softmax + aux loss": dict(router="softmax", capacity_factor=1.0, aux_coef=0.01),
-    "noisy top-k": dict(router="noisy", capacity_factor=1.0, aux_coef=0.0, noisy_coef=0.01),
-    "sigmoid + aux-free bias": dict(router="sigmoid", capacity_factor=1.0, aux_coef=0.0, bias_update_rate=1e-2),
-    "expert choice": dict(router="expert_choice", aux_coef=0.0),
+common = dict(vocab_size=len(data.vocab), d_model=48, n_layers=1, n_heads=4, max_seq_len=seq_len)
+sizes = dict(d_ff=48, n_experts=n_experts, top_k=2)
+strategies = {  # (MoE options, model options)
+    "softmax, no aux loss": (dict(router="softmax", capacity_factor=1.0), dict(aux_coef=0.0)),
+    "softmax + aux loss": (dict(router="softmax", capacity_factor=1.0), dict(aux_coef=0.01)),
+    "noisy top-k": (dict(router="noisy", capacity_factor=1.0), dict(aux_coef=0.0, noisy_coef=0.01)),
+    "sigmoid + aux-free bias": (dict(router="sigmoid", capacity_factor=1.0, bias_update_rate=1e-2),
+                                dict(aux_coef=0.0)),
+    "expert choice": (dict(router="expert_choice"), dict(aux_coef=0.0)),
 }
 
 
 def train(options):
     """Train for `steps`; return the validation loss and the routing stats of the last 20 steps."""
-    model = MoETransformer(TransformerConfig(**common, **options), seed=0)
+    moe_options, model_options = options
+    model = MoETransformer(TransformerConfig(**common, **model_options, moe={**sizes, **moe_options}), seed=0)
     optimizer = AdamW(model.parameters(), lr=3e-3)
     batches = np.random.default_rng(1)
     loads, dropped = [], []

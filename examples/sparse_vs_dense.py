@@ -20,8 +20,8 @@ from tinymoe.train.data import CharData
 
 steps, batch_size, seq_len = 500, 16, 48
 data = CharData.from_text(generate_corpus(200_000), seq_len)
-common = dict(vocab_size=len(data.vocab), d_model=48, n_layers=2, n_heads=4, max_seq_len=seq_len, d_ff=96,
-              n_experts=4, top_k=2)
+common = dict(vocab_size=len(data.vocab), d_model=48, n_layers=2, n_heads=4, max_seq_len=seq_len,
+              moe=dict(d_ff=96, n_experts=4, top_k=2))
 models = {
     "dense (SwiGLU, width 2·96)": TransformerConfig(**common, moe_layers=[]),
     "sparse (4 experts of 96, top-2)": TransformerConfig(**common),

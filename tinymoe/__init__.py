@@ -20,12 +20,13 @@ from .engine import (
     zeros,
 )
 
-from . import functional, io, kernels, nn  # noqa: E402  (NumPy-only imports)
+from . import functional, io, kernels, models, nn, optim, train  # noqa: E402  (NumPy-only imports)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailableError", "Context", "DeviceMismatchError", "Function", "GradcheckError", "Tensor",
     "cuda_available", "get_matmul_precision", "gradcheck", "is_grad_enabled", "no_grad", "numba_available", "ones",
-    "rand", "randn", "set_matmul_precision", "tensor", "zeros", "functional", "io", "kernels", "nn", "__version__",
+    "rand", "randn", "set_matmul_precision", "tensor", "zeros", "functional", "io", "kernels", "models", "nn", "optim",
+    "train", "__version__",
 ]

@@ -13,7 +13,7 @@ import numpy as np
 from . import functional as F
 from .engine.gradcheck import GradcheckError, gradcheck
 from .engine.tensor import tensor
-from .nn import Dropout, Embedding, LayerNorm, Linear, MoE, RMSNorm, SwiGLU
+from .nn import Dropout, Embedding, LayerNorm, Linear, MoE, MoEConfig, RMSNorm, SwiGLU
 
 
 @dataclass
@@ -32,9 +32,10 @@ def _inputs(generator, device, *shapes, positive=False):
 
 
 def _moe_case(router, **options):
-    def build(generator, device):
-        layer = MoE(6, 5, 4, top_k=options.pop("top_k", 2), router=router, dtype="float64", device=device,
-                    seed=0, **options)
+    config = MoEConfig(d_model=6, d_ff=5, n_experts=4, router=router, dtype="float64", **{"top_k": 2, **options})
+
+    def build(generator, device):  # builds the same layer on every call (run_all may run many times)
+        layer = MoE(config, device=device, generator=0)
         for parameter in layer.parameters():
             parameter.data = parameter.xp.asarray(generator.standard_normal(parameter.shape) * 0.5)
         (x,) = _inputs(generator, device, (2, 4, 6))

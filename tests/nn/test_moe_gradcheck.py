@@ -10,7 +10,7 @@ import tinymoe as tm
 from moe_helpers import fast_kernels, inputs, layer
 from tinymoe.engine.backend import to_device
 from tinymoe.functional import dispatch
-from tinymoe.nn import experts as experts_module
+from tinymoe.functional import experts as experts_module
 from tinymoe.nn import gating, router_losses
 
 N_TOKENS, D_MODEL, D_FF, N_EXPERTS = 8, 6, 5, 4

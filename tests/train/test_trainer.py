@@ -10,10 +10,11 @@ import pytest
 
 import tinymoe
 from tinymoe.models import TransformerConfig
-from tinymoe.train.checkpoint import CheckpointError, load_checkpoint
+from tinymoe.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from tinymoe.train.data import CharData
 from tinymoe.train.loop import TrainConfig, Trainer
 from tinymoe.train.progress import Progress
+from transformer_helpers import split_options
 
 TEXT = "".join(f"{a} + {b} = {a + b}\n" for a in range(20) for b in range(0, 20, 3))
 SEQ_LEN, BATCH = 8, 3
@@ -47,7 +48,7 @@ def make_trainer(data, out_dir, stream=None, model_overrides=None, **train_overr
     train_values = dict(steps=6, batch_size=BATCH, seq_len=SEQ_LEN, eval_every=2, eval_batches=2, warmup_steps=2,
                         lr=1e-2, min_lr=1e-3)
     train_values.update(train_overrides)
-    return Trainer(TransformerConfig(**model_values), TrainConfig(**train_values), data, str(out_dir),
+    return Trainer(TransformerConfig(**split_options(model_values)), TrainConfig(**train_values), data, str(out_dir),
                    stream=stream or io.StringIO())
 
 
@@ -201,6 +202,22 @@ def test_resume_without_a_checkpoint(data, tmp_path):
 
 def test_resume_with_another_model_config(data, tmp_path):
     make_trainer(data, tmp_path, steps=2).run()
+    with pytest.raises(CheckpointError, match="n_experts"):
+        make_trainer(data, tmp_path, model_overrides=dict(n_experts=4)).resume()
+
+
+def test_resume_reads_the_flat_model_config_of_earlier_releases(data, tmp_path):
+    make_trainer(data, tmp_path, steps=2).run()
+    path = os.path.join(tmp_path, "checkpoint.npz")
+    checkpoint = load_checkpoint(path)
+    nested = checkpoint.meta["model_config"]
+    flat = {**{key: value for key, value in nested.items() if key != "moe"},
+            **{key: value for key, value in nested["moe"].items() if key not in ("d_model", "dtype")}}
+    assert "n_experts" in flat and "moe" not in flat  # the 0.1 layout
+    save_checkpoint(path, checkpoint.model_state, checkpoint.optimizer_state, {**checkpoint.meta, "model_config": flat})
+    trainer = make_trainer(data, tmp_path, steps=4)
+    trainer.resume()
+    assert trainer.step == 2
     with pytest.raises(CheckpointError, match="n_experts"):
         make_trainer(data, tmp_path, model_overrides=dict(n_experts=4)).resume()
 

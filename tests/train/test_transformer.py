@@ -4,37 +4,16 @@
     per block: h += Attn(RMSNorm(h)) (causal, multi-head);  h += FFN(RMSNorm(h)) (MoE or dense SwiGLU)
     logits = RMSNorm(h) Eᵀ (tied head);  loss = CE + Σ_layers (aux_coef·aux + z_coef·z)
 
-plus causality, the tied head, moe_layers, every MoE option reached from the config, float64 gradient checks
-of the whole loss, a few optimizer steps, and generate().
+plus causality, the tied head and moe_layers. The config and its options: test_transformer_config.py;
+gradients, optimizer steps and generate(): test_transformer_training.py.
 """
 import math
 
 import numpy as np
 import pytest
 
-import tinymoe
-from tinymoe.engine.gradcheck import gradcheck
-from tinymoe.models import MoETransformer, TransformerConfig
-from tinymoe.optim import AdamW
-
-VOCAB = 11
-
-
-@pytest.fixture(autouse=True)
-def numpy_kernels():
-    with tinymoe.kernels.use("numpy"):
-        yield
-
-
-def tiny_config(**overrides):
-    values = dict(vocab_size=VOCAB, d_model=8, n_layers=2, n_heads=2, max_seq_len=8, d_ff=6, n_experts=4, top_k=2,
-                  dtype="float64")
-    values.update(overrides)
-    return TransformerConfig(**values)
-
-
-def random_tokens(shape, seed=0, vocab=VOCAB):
-    return np.random.default_rng(seed).integers(0, vocab, size=shape)
+from tinymoe.models import MoETransformer
+from transformer_helpers import VOCAB, numpy_kernels, random_tokens, tiny_config  # noqa: F401  (autouse fixture)
 
 
 # ----- an independent NumPy forward --------------------------------------------------------------------------
@@ -104,7 +83,7 @@ def reference_forward(model, tokens):
                            c.n_heads)
         rows = _rms_norm(h, state[f"{prefix}.ffn_norm.weight"]).reshape(-1, c.d_model)
         if f"{prefix}.ffn.router.weight" in state:
-            out, aux, z = _moe(rows, state, f"{prefix}.ffn", c.n_experts, c.top_k)
+            out, aux, z = _moe(rows, state, f"{prefix}.ffn", c.moe.n_experts, c.moe.top_k)
             auxes.append(aux)
             zs.append(z)
         else:
@@ -241,230 +220,3 @@ def test_moe_layers_selects_which_blocks_are_moe(moe_layers, expected):
     if not expected:
         assert parts["aux"] == parts["z"] == 0.0
         assert total.item() == pytest.approx(parts["cross_entropy"], rel=1e-12)
-
-
-# ----- config ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("overrides, name", [
-    (dict(d_model=10, n_heads=4), "n_heads"),
-    (dict(moe_layers=[2]), "moe_layers"),
-    (dict(moe_layers=[-1]), "moe_layers"),
-    (dict(aux_coef=-0.1), "aux_coef"),
-    (dict(z_coef=-1.0), "z_coef"),
-    (dict(dropout=1.0), "dropout"),
-    (dict(n_experts=0), "n_experts"),
-    (dict(vocab_size=0), "vocab_size"),
-])
-def test_config_rejects_bad_values_by_name(overrides, name):
-    with pytest.raises((ValueError, TypeError), match=name):
-        tiny_config(**overrides)
-
-
-def test_config_round_trips_through_a_dict():
-    config = tiny_config(router="sigmoid", bias_update_rate=0.01, moe_layers=[1], capacity_factor=1.5)
-    assert TransformerConfig.from_dict(config.to_dict()) == config
-    with pytest.raises(ValueError, match="n_expertz"):
-        TransformerConfig.from_dict({**config.to_dict(), "n_expertz": 3})
-
-
-def _train_forward(model, seed=0):
-    tokens = random_tokens((4, 8), seed=seed)
-    total, parts = model.loss(tokens, random_tokens((4, 8), seed=seed + 1))
-    return total, parts
-
-
-def test_capacity_factor_reaches_the_layers():
-    dropless = MoETransformer(tiny_config(), seed=0)
-    _train_forward(dropless)
-    assert all(layer.stats.dropped_fraction == 0.0 for layer in dropless.moe_layers())
-    tight = MoETransformer(tiny_config(capacity_factor=0.25), seed=0)
-    _train_forward(tight)
-    for layer in tight.moe_layers():
-        capacity = math.ceil(0.25 * 32 * 2 / 4)
-        assert layer.stats.dropped_fraction > 0
-        assert layer.stats.tokens_per_expert.max() <= capacity
-
-
-def test_top_k_and_n_experts_reach_the_layers():
-    model = MoETransformer(tiny_config(n_experts=5, top_k=1), seed=0)
-    _train_forward(model)
-    for layer in model.moe_layers():
-        assert layer.stats.tokens_per_expert.shape == (5,)
-        assert layer.stats.tokens_per_expert.sum() == 32  # one expert per token
-
-
-def test_shared_experts_add_an_always_on_block():
-    plain = MoETransformer(tiny_config(), seed=0)
-    shared = MoETransformer(tiny_config(n_shared_experts=2), seed=0)
-    assert shared.num_parameters() - plain.num_parameters() == 2 * 3 * 8 * (2 * 6)  # w1, w3, w2 of width 2·d_ff
-    assert math.isfinite(_train_forward(shared)[0].item())
-
-
-def test_activation_reaches_the_experts():
-    swiglu = MoETransformer(tiny_config(), seed=0)
-    gelu = MoETransformer(tiny_config(activation="gelu"), seed=0)
-    names = {name for name, _ in gelu.named_parameters()}
-    assert "blocks.0.ffn.experts.b1" in names and "blocks.0.ffn.experts.w3" not in names
-    assert "blocks.0.ffn.experts.w3" in {name for name, _ in swiglu.named_parameters()}
-
-
-def test_normalize_top_k_reaches_the_router():
-    tokens = random_tokens((2, 8), seed=3)
-    normalized = MoETransformer(tiny_config(), seed=0).eval()
-    raw = MoETransformer(tiny_config(normalize_top_k=False), seed=0).eval()
-    assert np.abs(normalized(tokens).numpy() - raw(tokens).numpy()).max() > 1e-8
-
-
-def test_sigmoid_router_with_bias_updates_in_training():
-    model = MoETransformer(tiny_config(router="sigmoid", bias_update_rate=0.05), seed=0)
-    biases = [name for name in model.state_dict() if name.endswith("router.bias")]
-    assert len(biases) == 2
-    before = {name: model.state_dict()[name].copy() for name in biases}
-    _train_forward(model)
-    after = model.state_dict()
-    assert any(np.abs(after[name] - before[name]).max() > 0 for name in biases)
-
-
-def test_jitter_and_dropout_are_random_in_training_only():
-    tokens = random_tokens((2, 8), seed=4)
-    for overrides in (dict(jitter=0.3), dict(dropout=0.3)):
-        model = MoETransformer(tiny_config(**overrides), seed=0)
-        first, second = model(tokens).numpy(), model(tokens).numpy()
-        assert np.abs(first - second).max() > 1e-9, overrides
-        model.eval()
-        np.testing.assert_array_equal(model(tokens).numpy(), model(tokens).numpy())
-
-
-def test_expert_choice_router_runs():
-    model = MoETransformer(tiny_config(router="expert_choice"), seed=0)
-    total, _ = _train_forward(model)
-    total.backward()
-    assert math.isfinite(total.item())
-    assert model.moe_layers()[0].router.weight.grad is not None
-
-
-def test_seed_fixes_the_initialisation():
-    first, second = MoETransformer(tiny_config(), seed=7), MoETransformer(tiny_config(), seed=7)
-    other = MoETransformer(tiny_config(), seed=8)
-    for (name, a), (_, b), (_, c) in zip(first.state_dict().items(), second.state_dict().items(),
-                                         other.state_dict().items()):
-        np.testing.assert_array_equal(a, b)
-    assert any(not np.array_equal(a, c) for a, c in zip(first.state_dict().values(), other.state_dict().values())
-               if a.std() > 0)
-
-
-# ----- gradients ---------------------------------------------------------------------------------------------
-GRADCHECK_PARAMETERS = ["token_embedding.weight", "position_embedding.weight", "blocks.0.attention.query.weight",
-                        "blocks.0.ffn.router.weight", "blocks.1.ffn.experts.w2", "blocks.1.ffn_norm.weight",
-                        "final_norm.weight"]
-
-
-@pytest.mark.parametrize("overrides", [dict(), dict(router="noisy", moe_layers=[1]), dict(n_shared_experts=1)],
-                         ids=["softmax", "noisy+dense", "shared"])
-def test_gradcheck_of_the_total_loss(overrides):
-    config = tiny_config(max_seq_len=5, aux_coef=0.5, z_coef=0.1, noisy_coef=0.3, **overrides)
-    model = MoETransformer(config, seed=11)
-    parameters = dict(model.named_parameters())
-    chosen = [parameters[name] for name in GRADCHECK_PARAMETERS if name in parameters]
-    tokens, targets = random_tokens((2, 5), seed=12), random_tokens((2, 5), seed=13)
-
-    def loss(*_):
-        for layer in model.moe_layers():
-            layer.reseed(0)  # the noisy router's noise: the same draw at every evaluation
-        return model.loss(tokens, targets)[0]
-
-    assert gradcheck(loss, chosen, n_directions=3, exact_max_elements=40)
-
-
-def test_a_few_adamw_steps_lower_the_loss_on_a_fixed_batch():
-    model = MoETransformer(tiny_config(dtype="float32", d_model=16, max_seq_len=8), seed=0)
-    optimizer = AdamW(model.parameters(), lr=3e-2, weight_decay=0.0)
-    tokens = random_tokens((4, 8), seed=1)
-    targets = np.roll(tokens, -1, axis=1)
-    losses = []
-    for _ in range(25):
-        total, parts = model.loss(tokens, targets)
-        optimizer.zero_grad()
-        total.backward()
-        optimizer.step()
-        losses.append(parts["cross_entropy"])
-    assert losses[0] == pytest.approx(math.log(VOCAB), rel=0.1)  # small init: near uniform at first
-    assert losses[-1] < 0.5 * losses[0]
-
-
-# ----- generate ----------------------------------------------------------------------------------------------
-def _next_logits(model, context):
-    window = np.asarray(context[-model.config.max_seq_len:])[None, :]
-    return model(window).numpy()[0, -1]
-
-
-@pytest.fixture(scope="module")
-def sampling_model():
-    with tinymoe.kernels.use("numpy"):
-        return MoETransformer(tiny_config(), seed=21)
-
-
-def test_generate_returns_the_requested_number_of_valid_ids(sampling_model):
-    for length in (0, 1, 12):
-        new = sampling_model.generate([1, 2, 3], length, generator=0)
-        assert len(new) == length
-        assert all(isinstance(t, int) and 0 <= t < VOCAB for t in new)
-
-
-def test_generate_is_deterministic_with_a_seed(sampling_model):
-    first = sampling_model.generate([4], 15, temperature=2.0, generator=5)
-    assert sampling_model.generate([4], 15, temperature=2.0, generator=5) == first
-    outputs = {tuple(sampling_model.generate([4], 15, temperature=2.0, generator=seed)) for seed in range(5)}
-    assert len(outputs) > 1
-
-
-def test_top_k_one_and_low_temperature_are_greedy(sampling_model):
-    model = sampling_model.eval()
-    context, greedy = [2, 7], []
-    for _ in range(8):
-        token = int(np.argmax(_next_logits(model, context)))
-        greedy.append(token)
-        context.append(token)
-    model.train()
-    assert model.generate([2, 7], 8, temperature=1.0, top_k=1, generator=0) == greedy
-    assert model.generate([2, 7], 8, temperature=1.0, top_k=1, generator=99) == greedy
-    assert model.generate([2, 7], 8, temperature=1e-4, generator=3) == greedy
-
-
-def test_top_k_samples_only_among_the_k_best(sampling_model):
-    model = sampling_model
-    prompt = [0, 5]
-    new = model.generate(prompt, 20, temperature=5.0, top_k=3, generator=1)
-    model.eval()
-    context = list(prompt)
-    for token in new:
-        logits = _next_logits(model, context)
-        assert token in np.argsort(-logits)[:3]
-        context.append(token)
-    model.train()
-
-
-def test_high_temperature_spreads_the_samples(sampling_model):
-    cold = sampling_model.generate([3], 40, temperature=0.05, generator=2)
-    hot = sampling_model.generate([3], 40, temperature=50.0, generator=2)
-    assert len(set(hot)) > len(set(cold))
-
-
-def test_generate_crops_long_prompts_to_the_context_window(sampling_model):
-    long_prompt = random_tokens(20, seed=3).tolist()
-    cropped = long_prompt[-8:]
-    assert sampling_model.generate(long_prompt, 5, generator=4) == sampling_model.generate(cropped, 5, generator=4)
-
-
-def test_generate_restores_the_mode_and_checks_arguments(sampling_model):
-    sampling_model.train()
-    sampling_model.generate([1], 2, generator=0)
-    assert sampling_model.training
-    sampling_model.eval()
-    sampling_model.generate([1], 2, generator=0)
-    assert not sampling_model.training
-    sampling_model.train()
-    for bad in (0.0, -1.0):
-        with pytest.raises(ValueError, match="temperature"):
-            sampling_model.generate([1], 2, temperature=bad)
-    with pytest.raises((ValueError, TypeError), match="top_k"):
-        sampling_model.generate([1], 2, top_k=0)

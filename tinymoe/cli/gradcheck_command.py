@@ -1,20 +1,20 @@
 """`tinymoe gradcheck`: run the float64 gradient checks of every op and layer here, print a table."""
 from __future__ import annotations
 
-from .train_command import _check_device
+from .arguments import add_option, check_device
 
 
 def add_parser(commands) -> None:
     parser = commands.add_parser("gradcheck", help="check every hand-written gradient on this machine",
                                  description=__doc__)
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    add_option(parser, "--device", choices=("cpu", "cuda"), default="cpu", help="where to run the checks")
     parser.set_defaults(run=run_gradcheck)
 
 
 def run_gradcheck(args) -> int:
     from ..selfcheck import run_all
 
-    _check_device(args.device)
+    check_device(args.device)
     results = run_all(args.device)
     width = max(len(result.name) for result in results)
     print(f"{'check':<{width}}  result  seconds")

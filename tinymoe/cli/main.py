@@ -6,49 +6,11 @@ import os
 import sys
 
 from ..engine.backend import BackendUnavailableError
-
-
-class UsageError(Exception):
-    """A problem with what the user asked for; reported as one line, exit status 2."""
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = non_negative_float(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError("must be > 0, got 0")
-    return value
-
-
-class OneLineErrorParser(argparse.ArgumentParser):
-    """argparse prints the whole usage block before an error; we print the error alone, on one line."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+from . import gradcheck_command, info_command, sample_command, train_command
+from .arguments import OneLineErrorParser, UsageError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import gradcheck_command, info_command, sample_command, train_command
-
     parser = OneLineErrorParser(prog="tinymoe", description="A small Mixture-of-Experts engine over NumPy/CuPy.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in (train_command, sample_command, gradcheck_command, info_command):

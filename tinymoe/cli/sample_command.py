@@ -1,21 +1,19 @@
 """`tinymoe sample`: print text sampled from a trained checkpoint."""
 from __future__ import annotations
 
-import argparse
-
-from .main import UsageError, positive_float, positive_int
+from .arguments import UsageError, add_option, positive_float, positive_int
 
 
 def add_parser(commands) -> None:
-    parser = commands.add_parser("sample", help="sample text from a checkpoint", description=__doc__,
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--checkpoint", metavar="DIR", required=True, help="a training --out DIR or a .npz file")
-    parser.add_argument("--prompt", default="", help="text to continue (default: start of a line)")
-    parser.add_argument("--length", type=positive_int, default=200)
-    parser.add_argument("--temperature", type=positive_float, default=0.8)
-    parser.add_argument("--top-k", type=positive_int, default=None)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser = commands.add_parser("sample", help="sample text from a checkpoint", description=__doc__)
+    add_option(parser, "--checkpoint", metavar="DIR", required=True, help="a training --out DIR or a .npz file")
+    add_option(parser, "--prompt", default="", help="text to continue", default_text="start of a line")
+    add_option(parser, "--length", type=positive_int, default=200, help="characters to generate")
+    add_option(parser, "--temperature", type=positive_float, default=0.8, help="divides the logits before sampling")
+    add_option(parser, "--top-k", type=positive_int, help="sample from the k most likely characters only",
+               default_text="all")
+    add_option(parser, "--seed", type=int, default=0, help="seed of the sampler")
+    add_option(parser, "--device", choices=("cpu", "cuda"), default="cpu", help="where to run the model")
     parser.set_defaults(run=run_sample)
 
 

@@ -16,31 +16,37 @@ import numpy as np
 
 from .. import functional as F
 from ..engine.autograd import no_grad
-from ..engine.backend import to_numpy
+from ..engine.backend import normalize_dtype, to_numpy
 from ..engine.checks import require_int
 from ..engine.random import as_generator
 from ..engine.tensor import Tensor
-from ..nn import Dropout, Embedding, Linear, Module, ModuleList, MoE, RMSNorm, SwiGLU
+from ..nn import Dropout, Embedding, Linear, Module, ModuleList, MoE, MoEConfig, RMSNorm, SwiGLU
+
+
+# The MoE options of the flat model configs of earlier releases (checkpoints written by them still load).
+FLAT_MOE_KEYS = ("d_ff", "n_experts", "top_k", "router", "normalize_top_k", "capacity_factor", "n_shared_experts",
+                 "jitter", "bias_update_rate", "activation")
+# The MoE sizes a model gets when its config names none (MoEConfig itself has no default sizes).
+DEFAULT_MOE_SIZES = {"d_ff": 128, "n_experts": 4}
 
 
 @dataclass
 class TransformerConfig:
+    """The model's options; its feed-forward blocks are set by `moe` (a MoEConfig).
+
+    moe: a MoEConfig whose d_model and dtype equal the model's, or a dict of MoEConfig options without them
+    (filled in from the model, with d_ff=128 and n_experts=4 unless given), or None for those defaults.
+    A dense block (a layer outside moe_layers) is a SwiGLU of width moe.d_ff · moe.top_k: the active width of
+    an MoE block.
+    """
+
     vocab_size: int
     d_model: int = 64
     n_layers: int = 2
     n_heads: int = 4
     max_seq_len: int = 64
-    d_ff: int = 128                 # hidden width of each expert (and of a dense block: d_ff · top_k)
-    n_experts: int = 4
-    top_k: int = 2
+    moe: MoEConfig | dict | None = None
     moe_layers: list = field(default_factory=lambda: ["all"])  # layer indices with an MoE block, or ["all"]
-    router: str = "softmax"
-    normalize_top_k: bool = True
-    capacity_factor: float | None = None
-    n_shared_experts: int = 0
-    jitter: float = 0.0
-    bias_update_rate: float | None = None
-    activation: str = "swiglu"
     aux_coef: float = 0.01
     z_coef: float = 0.001
     noisy_coef: float = 0.01
@@ -48,10 +54,12 @@ class TransformerConfig:
     dtype: str = "float32"
 
     def __post_init__(self):
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "d_ff", "n_experts", "top_k"):
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
             require_int(getattr(self, name), name, "TransformerConfig", low=1)
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
+        self.dtype = normalize_dtype(self.dtype, "cuda").name
+        self.moe = self._moe_config(self.moe)
         layers = self.moe_layer_indices()
         bad = [index for index in layers if not 0 <= index < self.n_layers]
         if bad:
@@ -62,18 +70,37 @@ class TransformerConfig:
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout={self.dropout!r} must be in [0, 1)")
 
+    def _moe_config(self, moe) -> MoEConfig:
+        if moe is None or isinstance(moe, dict):
+            options = {**DEFAULT_MOE_SIZES, "d_model": self.d_model, "dtype": self.dtype, **(moe or {})}
+            moe = MoEConfig.from_dict(options)
+        if not isinstance(moe, MoEConfig):
+            raise TypeError(f"TransformerConfig: moe must be a MoEConfig, a dict or None, got {type(moe).__name__}")
+        for name in ("d_model", "dtype"):
+            if getattr(moe, name) != getattr(self, name):
+                raise ValueError(f"TransformerConfig: moe.{name}={getattr(moe, name)!r} must equal "
+                                 f"{name}={getattr(self, name)!r} (the MoE blocks are the model's layers)")
+        return moe
+
     def moe_layer_indices(self) -> list:
         if list(self.moe_layers) == ["all"]:
             return list(range(self.n_layers))
         return sorted(int(index) for index in self.moe_layers)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """JSON-ready values; the MoE options nested under "moe"."""
+        return {**asdict(self), "moe": self.moe.to_dict()}
 
     @classmethod
     def from_dict(cls, values: dict) -> "TransformerConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(values) - known
+        """The inverse of to_dict; also reads the flat dicts of earlier releases (MoE options at top level)."""
+        values = dict(values)
+        flat = {key: values.pop(key) for key in FLAT_MOE_KEYS if key in values}
+        if flat:
+            if values.get("moe") is not None:
+                raise ValueError(f"model config has both a 'moe' entry and flat MoE keys {sorted(flat)}")
+            values["moe"] = flat
+        unknown = set(values) - {f.name for f in fields(cls)}
         if unknown:
             raise ValueError(f"unknown model config keys {sorted(unknown)}")
         return cls(**values)
@@ -109,11 +136,9 @@ class Block(Module):
         self.ffn_norm = RMSNorm(c.d_model, dtype=c.dtype, device=device)
         self.is_moe = index in c.moe_layer_indices()
         if self.is_moe:
-            self.ffn = MoE(c.d_model, c.d_ff, c.n_experts, c.top_k, c.activation, c.router, c.normalize_top_k,
-                           c.capacity_factor, c.n_shared_experts, c.jitter, c.bias_update_rate, c.dtype, device,
-                           seed=generator, name=f"blocks.{index}.ffn")
+            self.ffn = MoE(c.moe, device=device, generator=generator, name=f"blocks.{index}.ffn")
         else:  # dense block with the active width of the MoE layers: top_k experts of width d_ff
-            self.ffn = SwiGLU(c.d_model, c.d_ff * c.top_k, dtype=c.dtype, device=device, generator=generator)
+            self.ffn = SwiGLU(c.d_model, c.moe.d_ff * c.moe.top_k, dtype=c.dtype, device=device, generator=generator)
         self.dropout = Dropout(c.dropout, generator=generator)
 
     def forward(self, h):

@@ -1,10 +1,10 @@
 """tinymoe.nn: modules built from tinymoe.functional ops."""
+from .experts import Experts, SwiGLU
 from .layers import Dropout, Embedding, LayerNorm, Linear, RMSNorm
 from .module import Module, ModuleList, Parameter, Sequential
-
-__all__ = ["Dropout", "Embedding", "LayerNorm", "Linear", "Module", "ModuleList", "Parameter", "RMSNorm", "Sequential"]
-from .experts import Experts, SwiGLU
 from .moe import MoE, MoEStats
+from .moe_config import MoEConfig
 from .router import Router
 
-__all__ += ["Experts", "MoE", "MoEStats", "Router", "SwiGLU"]
+__all__ = ["Dropout", "Embedding", "Experts", "LayerNorm", "Linear", "MoE", "MoEConfig", "MoEStats", "Module",
+           "ModuleList", "Parameter", "RMSNorm", "Router", "Sequential", "SwiGLU"]

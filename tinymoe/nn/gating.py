@@ -8,15 +8,8 @@ Selection is a stable top-k: equal scores go to the lower index, so routing is d
 """
 from __future__ import annotations
 
-from ..engine.array_math import sigmoid, softmax, softmax_backward, softplus, stable_argsort
+from ..engine.array_math import sigmoid, softmax, softmax_backward, softplus, stable_top_k
 from ..engine.function import Function
-
-
-
-def top_k_indices(scores, k: int, axis: int = -1):
-    """Indices of the k largest scores along `axis`, largest first, ties to the lower index."""
-    order = stable_argsort(-scores, axis=axis)
-    return order[:, :k] if axis in (-1, 1) else order[:k]
 
 
 def _scatter_rows(xp, shape, expert_ids, values):
@@ -38,7 +31,7 @@ class SoftmaxTopK(Function):
     def forward(ctx, logits, k, normalize):
         xp = ctx.xp
         probs = softmax(logits, axis=1)
-        expert_ids = top_k_indices(logits, k)
+        expert_ids = stable_top_k(logits, k)
         chosen = xp.take_along_axis(logits, expert_ids, axis=1)
         weights = softmax(chosen, axis=1) if normalize else xp.take_along_axis(probs, expert_ids, axis=1)
         ctx.save_for_backward(probs, weights, expert_ids)
@@ -71,7 +64,7 @@ class SigmoidTopK(Function):
         xp = ctx.xp
         scores = sigmoid(logits)
         log_scores = -softplus(-logits)
-        expert_ids = top_k_indices(scores + bias, k)
+        expert_ids = stable_top_k(scores + bias, k)
         if normalize:
             weights = softmax(xp.take_along_axis(log_scores, expert_ids, axis=1), axis=1)
         else:
@@ -108,7 +101,7 @@ class ExpertChoice(Function):
         n_tokens, n_experts = logits.shape
         probs = softmax(logits, axis=1)
         chosen = xp.zeros(probs.shape, dtype=bool)
-        top_tokens = top_k_indices(probs, capacity, axis=0)  # (C, E)
+        top_tokens = stable_top_k(probs, capacity, axis=0)  # (C, E)
         xp.put_along_axis(chosen, top_tokens, True, axis=0)
         weights = xp.where(chosen, probs, 0)
         expert_ids = xp.broadcast_to(xp.arange(n_experts), (n_tokens, n_experts))

@@ -67,9 +67,6 @@ class Module:
         for name, child in self._modules.items():
             yield from child.named_modules(f"{prefix}.{name}" if prefix else name)
 
-    def children(self):
-        return iter(self._modules.values())
-
     def named_parameters(self, prefix: str = ""):
         """(dotted name, Parameter) pairs, each parameter once even if it is shared."""
         seen = set()

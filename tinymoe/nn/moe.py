@@ -12,68 +12,111 @@ output row has one owner, so results are deterministic and no atomics are needed
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import functools
 
 import numpy as np
 
-from ..engine.backend import normalize_device, normalize_dtype, to_numpy
+from ..engine.backend import array_module, normalize_device, normalize_dtype, to_numpy
 from ..engine.checks import require_tensor
 from ..engine.random import as_generator
-from ..functional.dispatch import CombineRows, GatherRows
-from ..kernels.registry import kernel
-from .experts import ACTIVATIONS, Experts, SwiGLU
+from ..functional.dispatch import combine_rows_unchecked, gather_rows_unchecked, routing_plan_unchecked
+from .experts import Experts, SwiGLU
 from .module import Module
-from .router import ROUTERS, Router
+from .moe_config import MoEConfig, option_names
+from .router import Router
 
 
-@dataclass
 class MoEStats:
-    """Routing statistics of the last forward, as host values.
+    """Routing statistics of one forward, as host values, each computed on its first read (and then kept), so
+    a forward whose statistics nobody reads syncs nothing for them.
 
-    dropped_fraction: token choice — assignments dropped by capacity; expert choice — tokens no expert took.
-    router_entropy: mean over tokens of −Σ_e p log p (nats). mean_top1_probability: mean over tokens of max_e p.
+    kept_per_expert (E,) int64: rows each expert processed (after capacity); a host value from the plan.
+    requested_per_expert (E,) int64: assignments each expert was asked for (before capacity).
+    tokens_per_expert: read-only alias of kept_per_expert (rows processed), the name of earlier releases.
+    dropped_fraction: token choice: assignments dropped by capacity (host value); expert choice: tokens no
+    expert took. router_entropy: mean over tokens of −Σ_e p log p (nats).
+    mean_top1_probability: mean over tokens of max_e p.
     """
 
-    tokens_per_expert: np.ndarray      # rows each expert processed
-    requested_per_expert: np.ndarray   # assignments each expert was asked for (before capacity)
-    dropped_fraction: float
-    router_entropy: float
-    mean_top1_probability: float
+    FIELDS = ("kept_per_expert", "requested_per_expert", "dropped_fraction", "router_entropy",
+              "mean_top1_probability")
+
+    def __init__(self, probs, requested, valid, kept_per_expert, n_tokens, dropped_fraction):
+        # probs, requested, valid: arrays on the layer's device (valid None for token choice)
+        self._probs, self._requested, self._valid = probs, requested, valid
+        self._n_tokens, self._plan_dropped = n_tokens, dropped_fraction
+        self.kept_per_expert = kept_per_expert.astype(np.int64)
+
+    @property
+    def tokens_per_expert(self) -> np.ndarray:
+        """Rows each expert processed: the same array as kept_per_expert."""
+        return self.kept_per_expert
+
+    @functools.cached_property
+    def requested_per_expert(self) -> np.ndarray:
+        return to_numpy(self._requested).astype(np.int64)
+
+    @functools.cached_property
+    def dropped_fraction(self) -> float:
+        if self._valid is None:
+            return float(self._plan_dropped)
+        tokens_taken = int(to_numpy(self._valid.any(axis=1).sum()))
+        return float(1.0 - tokens_taken / self._n_tokens)
+
+    @functools.cached_property
+    def _router_summary(self) -> tuple:
+        probs, xp = self._probs, array_module(self._probs)
+        entropy = -(xp.where(probs > 0, probs * xp.log(xp.where(probs > 0, probs, 1)), 0)).sum(axis=1).mean()
+        top1 = probs.max(axis=1).mean()
+        return tuple(float(value) for value in to_numpy(xp.stack([entropy, top1])))  # one transfer for both
+
+    @property
+    def router_entropy(self) -> float:
+        return self._router_summary[0]
+
+    @property
+    def mean_top1_probability(self) -> float:
+        return self._router_summary[1]
 
     def as_dict(self) -> dict:
-        values = asdict(self)
+        """Every statistic (and the tokens_per_expert alias) as JSON-ready values."""
+        values = {name: getattr(self, name) for name in ("tokens_per_expert", *self.FIELDS)}
         return {key: value.tolist() if isinstance(value, np.ndarray) else value for key, value in values.items()}
+
+    def __repr__(self):
+        return f"MoEStats(kept_per_expert={self.kept_per_expert.tolist()}, dropped_fraction={self.dropped_fraction})"
 
 
 class MoE(Module):
     """A sparse MoE feed-forward layer: x (..., d_model) → y (..., d_model).
 
+        MoE(MoEConfig(d_model=64, d_ff=128, n_experts=8, top_k=2), device="cpu", generator=rng)
+        MoE(d_model=64, d_ff=128, n_experts=8, top_k=2, router="softmax")     # the options as keywords
+        MoE(64, 128, 8, top_k=2)                                              # the three sizes positionally
+
+    The options are those of MoEConfig (validated there). Construction arguments: device ("cpu" or "cuda"),
+    generator (an int seed or numpy Generator: initial weights, jitter and router noise; None = unseeded),
+    seed (the same, the name of earlier releases), name (used in error messages).
     After each forward: `aux_loss` (load balance, a scalar Tensor), `z_loss` (router z-loss), for
-    router="noisy" also `importance_loss` and `load_loss`, and `stats` (MoEStats).
+    router="noisy" also `importance_loss` and `load_loss`, and `stats` (MoEStats, computed when read).
     See router.py for the routing rules and experts.py for the expert networks.
     """
 
-    def __init__(self, d_model, d_ff, n_experts, top_k=2, activation="swiglu", router="softmax", normalize_top_k=True,
-                 capacity_factor=None, n_shared_experts=0, jitter=0.0, bias_update_rate=None, dtype="float32",
-                 device="cpu", seed=None, name="MoE"):
+    def __init__(self, config=None, *sizes, device="cpu", generator=None, seed=None, name="MoE", **options):
         super().__init__()
-        if router not in ROUTERS:
-            raise ValueError(f"router={router!r} is not supported; expected one of {ROUTERS}")
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation={activation!r} is not supported; expected one of {ACTIVATIONS}")
-        if isinstance(n_shared_experts, bool) or not isinstance(n_shared_experts, int) or n_shared_experts < 0:
-            raise ValueError(f"n_shared_experts={n_shared_experts!r} must be a non-negative integer")
+        config = _config_from_arguments(config, sizes, options)
+        if generator is not None and seed is not None:
+            raise TypeError("MoE: pass generator= or seed=, not both (they are the same thing)")
         device = normalize_device(device)
-        self.dtype = normalize_dtype(dtype, device)
-        generator = as_generator(seed, "seed")
-        self.name = name
-        self.router = Router(d_model, n_experts, top_k, router, normalize_top_k, capacity_factor, jitter,
-                             bias_update_rate, self.dtype, device, generator)
-        self.experts = Experts(n_experts, d_model, d_ff, activation, self.dtype, device, generator)
-        self.n_shared_experts = n_shared_experts
-        if n_shared_experts:
-            self.shared = SwiGLU(d_model, n_shared_experts * d_ff, self.dtype, device, generator)
-        self.d_model, self.n_experts, self.top_k = self.experts.d_model, self.experts.n_experts, self.router.top_k
+        self.dtype = normalize_dtype(config.dtype, device)
+        generator = as_generator(seed, "seed") if generator is None else as_generator(generator)
+        self.config, self.name = config, name
+        self.router = Router(config, device=device, generator=generator)
+        self.experts = Experts(config, device=device, generator=generator)
+        self.n_shared_experts = config.n_shared_experts
+        if self.n_shared_experts:
+            self.shared = SwiGLU(config.d_model, self.n_shared_experts * config.d_ff, self.dtype, device, generator)
+        self.d_model, self.n_experts, self.top_k = config.d_model, config.n_experts, config.top_k
         self.aux_loss = self.z_loss = self.importance_loss = self.load_loss = None
         self.stats = None
 
@@ -91,17 +134,18 @@ class MoE(Module):
             raise ValueError(f"{self.name}: x holds no tokens (shape {x.shape})")
 
         routing = self.router(rows, layer_name=self.name)
-        plan = kernel("routing_plan", routing.expert_ids)(
-            routing.expert_ids, self.n_experts, routing.capacity, routing.valid)
-        dispatched = GatherRows.apply(rows, plan.row_token, plan.assignment_row)
+        plan = routing_plan_unchecked(routing.expert_ids, self.n_experts, routing.capacity, routing.valid)
+        dispatched = gather_rows_unchecked(rows, plan.row_token, token_rows=plan.assignment_row)
         expert_out = self.experts(dispatched, plan.expert_offsets_host)
-        out = CombineRows.apply(expert_out, routing.weights, plan.assignment_row, plan.row_assignment)
+        out = combine_rows_unchecked(expert_out, plan.assignment_row, routing.weights,
+                                     row_assignment=plan.row_assignment)
         if self.n_shared_experts:
             out = out + self.shared(rows)
 
         self.aux_loss, self.z_loss = routing.aux_loss, routing.z_loss
         self.importance_loss, self.load_loss = routing.importance_loss, routing.load_loss
-        self.stats = _statistics(routing, plan)
+        self.stats = MoEStats(routing.probs.data, routing.requested_per_expert, routing.valid,
+                              plan.kept_per_expert, plan.n_tokens, plan.dropped_fraction)
         return out.reshape(*x.shape)
 
     def update_bias(self, rate=None) -> None:
@@ -132,17 +176,22 @@ class MoE(Module):
         return f"name={self.name!r}, shared_experts={self.n_shared_experts}"
 
 
-def _statistics(routing, plan) -> MoEStats:
-    probs = routing.probs.data
-    xp = routing.probs.xp
-    entropy = -(xp.where(probs > 0, probs * xp.log(xp.where(probs > 0, probs, 1)), 0)).sum(axis=1).mean()
-    top1 = probs.max(axis=1).mean()
-    requested = to_numpy(routing.requested_per_expert).astype(np.int64)
-    entropy, top1 = (float(value) for value in to_numpy(xp.stack([entropy, top1])))
-    if routing.valid is not None:
-        tokens_taken = int(to_numpy(routing.valid.any(axis=1).sum()))
-        dropped = 1.0 - tokens_taken / plan.n_tokens
-    else:
-        dropped = plan.dropped_fraction
-    return MoEStats(tokens_per_expert=plan.kept_per_expert.astype(np.int64), requested_per_expert=requested,
-                    dropped_fraction=float(dropped), router_entropy=entropy, mean_top1_probability=top1)
+def _config_from_arguments(config, sizes, options) -> MoEConfig:
+    """The MoEConfig of MoE(config), MoE(**options) or MoE(d_model, d_ff, n_experts, **options)."""
+    if isinstance(config, MoEConfig):
+        if sizes or options:
+            raise TypeError("MoE: pass a MoEConfig or options, not both; "
+                            "use dataclasses.replace(config, ...) to change a config")
+        return config
+    positional = (() if config is None else (config,)) + sizes
+    if len(positional) > 3:
+        raise TypeError(f"MoE takes at most d_model, d_ff, n_experts positionally (got {len(positional)} "
+                        "values); pass the other options by keyword")
+    for option, value in zip(("d_model", "d_ff", "n_experts"), positional):
+        if option in options:
+            raise TypeError(f"MoE got {option} twice (positionally and by keyword)")
+        options[option] = value
+    unknown = sorted(set(options) - set(option_names()))
+    if unknown:
+        raise TypeError(f"MoE got unknown options {unknown}; expected MoEConfig's {list(option_names())}")
+    return MoEConfig(**options)

@@ -13,22 +13,21 @@ The router computes in float32 at least (float64 when the layer is float64), wha
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
 
 import numpy as np
 
 from .. import functional as F
 from ..engine.backend import to_numpy
-from ..engine.checks import require_int
 from ..engine.random import as_generator, standard_normal, uniform
 from ..engine.tensor import Tensor
 from . import init
 from .gating import ExpertChoice, NoisyLogits, SigmoidTopK, SoftmaxTopK
 from .module import Module
+from .moe_config import ROUTERS, MoEConfig
 from .router_losses import ImportanceLoss, LoadBalanceLoss, NoisyLoadLoss, ZLoss
 
-ROUTERS = ("softmax", "noisy", "sigmoid", "expert_choice")
+__all__ = ["ROUTERS", "Router", "Routing", "router_dtype"]
 
 
 @dataclass
@@ -48,55 +47,35 @@ class Routing:
     load_loss: Tensor | None = None
 
 
-def _real(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _positive_finite(value) -> bool:
-    return _real(value) and value > 0
-
-
 def router_dtype(dtype) -> np.dtype:
     """float64 layers route in float64; float32 and float16 layers route in float32."""
     return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
 
 
 class Router(Module):
-    """Parameters: weight (E, d) (U(±1/sqrt(d))); noise_weight (E, d) for "noisy" (zeros, as in Shazeer et al.);
+    """Routes tokens as `config` (a MoEConfig) says; `device` and `generator` (a seed or numpy Generator, drawn
+    from for the initial weight, jitter and noise) are construction arguments.
+
+    Parameters: weight (E, d) (U(±1/sqrt(d))); noise_weight (E, d) for "noisy" (zeros, as in Shazeer et al.);
     buffer bias (E,) for "sigmoid" (the aux-free balance bias, updated by `update_bias`, never by gradients).
     """
 
-    def __init__(self, d_model, n_experts, top_k=2, kind="softmax", normalize_top_k=True, capacity_factor=None,
-                 jitter=0.0, bias_update_rate=None, dtype="float32", device="cpu", generator=None):
+    def __init__(self, config: MoEConfig, *, device="cpu", generator=None):
         super().__init__()
-        if kind not in ROUTERS:
-            raise ValueError(f"router={kind!r} is not supported; expected one of {ROUTERS}")
-        self.d_model = require_int(d_model, "d_model", "Router", low=1)
-        self.n_experts = require_int(n_experts, "n_experts", "Router", low=1)
-        self.top_k = require_int(top_k, "top_k", "Router", low=1)
-        if self.top_k > self.n_experts:
-            raise ValueError(f"top_k={top_k} must be at most n_experts={n_experts}")
-        if kind == "noisy" and self.top_k == self.n_experts:
-            raise ValueError(f"router='noisy' needs top_k < n_experts (got top_k={top_k}, n_experts={n_experts})")
-        if capacity_factor is not None and not _positive_finite(capacity_factor):
-            raise ValueError(f"capacity_factor={capacity_factor!r} must be a positive finite number or None (dropless)")
-        if not (_real(jitter) and 0.0 <= jitter < 1.0):
-            raise ValueError(f"jitter={jitter!r} must be a number in [0, 1)")
-        if bias_update_rate is not None and not _positive_finite(bias_update_rate):
-            raise ValueError(f"bias_update_rate={bias_update_rate!r} must be a positive finite number or None")
-        if bias_update_rate is not None and kind != "sigmoid":
-            raise ValueError(f"bias_update_rate applies to router='sigmoid' only (got router={kind!r})")
-        self.kind, self.normalize_top_k = kind, bool(normalize_top_k)
-        self.capacity_factor = None if capacity_factor is None else float(capacity_factor)
-        self.jitter = float(jitter)
-        self.bias_update_rate = None if bias_update_rate is None else float(bias_update_rate)
+        if not isinstance(config, MoEConfig):
+            raise TypeError(f"Router: config must be a MoEConfig, got {type(config).__name__}")
+        self.config = config
+        self.d_model, self.n_experts, self.top_k = config.d_model, config.n_experts, config.top_k
+        self.kind, self.normalize_top_k = config.router, config.normalize_top_k
+        self.capacity_factor, self.jitter = config.capacity_factor, config.jitter
+        self.bias_update_rate = config.bias_update_rate
         self.generator = as_generator(generator)
-        compute_dtype = router_dtype(dtype)
+        compute_dtype = router_dtype(config.dtype)
         bound = 1 / math.sqrt(self.d_model)
         self.weight = init.uniform((self.n_experts, self.d_model), bound, self.generator, compute_dtype, device)
-        if kind == "noisy":
+        if self.kind == "noisy":
             self.noise_weight = init.constant((self.n_experts, self.d_model), 0.0, compute_dtype, device)
-        if kind == "sigmoid":
+        if self.kind == "sigmoid":
             self.register_buffer("bias", self.weight.xp.zeros(self.n_experts, dtype=compute_dtype))
         self.last_load = None  # numpy (E,): assignments per expert in the last training forward
 

@@ -99,6 +99,7 @@ class Trainer:
     def resume(self) -> None:
         """Continue from the checkpoint in out_dir: weights, optimizer, schedule, step, RNG states, metrics."""
         checkpoint = load_checkpoint(self.checkpoint_path)
+        checkpoint.meta["model_config"] = _current_form(checkpoint.meta.get("model_config", {}))
         check_same_config(checkpoint, self.model_config.to_dict(), self.checkpoint_path)
         meta = checkpoint.meta
         if meta["vocab"] != self.data.vocab:
@@ -143,8 +144,8 @@ class Trainer:
             self.step += 1
             elapsed = time.perf_counter() - started
             self.seconds += elapsed
-            for index, layer in enumerate(model.moe_layers()):
-                layer_counts[index] += layer.stats.tokens_per_expert
+            for index, layer in enumerate(model.moe_layers()):  # host values of the plan: no device sync
+                layer_counts[index] += layer.stats.kept_per_expert
                 layer_dropped[index].append(layer.stats.dropped_fraction)
             window["loss"].append(parts["cross_entropy"])
             window["aux"].append(parts["aux"])
@@ -184,6 +185,14 @@ class Trainer:
         with atomic_write(os.path.join(self.out_dir, "summary.json"), "w") as handle:
             json.dump(summary, handle, indent=2)
         return summary
+
+
+def _current_form(model_config: dict) -> dict:
+    """A saved model config (nested, or the flat form of earlier releases) as to_dict writes it today."""
+    try:
+        return TransformerConfig.from_dict(model_config).to_dict()
+    except (TypeError, ValueError):
+        return model_config  # check_same_config reports how it differs
 
 
 def _append_metrics(out_dir, row) -> None:
