@@ -6,7 +6,7 @@ This script makes such weights (small and random, named as in a real checkpoint)
 .safetensors file, loads them into a tinymoe MoE layer and checks its output against the formula above
 written directly in NumPy.
 
-    python examples/mixtral_layer.py       # needs: pip install 'tinymoe[safetensors]'
+    python examples/mixtral_layer.py       # NumPy alone: tinymoe reads and writes .safetensors itself
 """
 import os
 
@@ -36,7 +36,7 @@ print(f"{path}: {len(loaded)} tensors, e.g. {prefix}experts.0.w1.weight {loaded[
 # 3. A tinymoe layer with Mixtral's semantics (softmax top-2, renormalised weights, SwiGLU experts).
 moe = tm.nn.MoE(d_model=d_model, d_ff=d_ff, n_experts=n_experts, top_k=top_k, activation="swiglu",
                 normalize_top_k=True)
-moe.load_mixtral(loaded)          # the prefix is found; missing, extra or mis-shaped keys raise an error
+tm.io.load_mixtral(moe, loaded)          # the prefix is found; missing, extra or mis-shaped keys raise an error
 moe.eval()
 
 x = rng.standard_normal((4, 10, d_model)).astype(np.float32)            # (batch, sequence, d_model)
@@ -68,6 +68,6 @@ print(f"tokens per expert: {moe.stats.tokens_per_expert.tolist()}, aux loss {moe
 assert error < 1e-5, "the layer does not match Mixtral's formula"
 
 # 5. And back out, under Mixtral's per-expert names.
-exported = moe.mixtral_state_dict()
+exported = tm.io.mixtral_state_dict(moe)
 same = all(np.array_equal(exported[name], loaded[prefix + name]) for name in exported)
 print(f"mixtral_state_dict(): {len(exported)} arrays, identical to the file: {same}")

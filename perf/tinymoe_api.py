@@ -1,6 +1,6 @@
 """The one place where perf/ touches tinymoe: update this file when the package's API moves.
 
-Public API: tm.nn.MoE(d_model=..., d_ff=..., n_experts=..., top_k=..., device=...), moe.load_mixtral (the
+Public API: tm.nn.MoE(d_model=..., d_ff=..., n_experts=..., top_k=..., device=...), tm.io.load_mixtral(moe, ...) (the
 transformers-style fused names), tm.tensor, tm.no_grad, tm.kernels.{use, chosen, available, implementation}.
 Internals (marked below): the reference routing plan and its fields, the parameter names of the layer and
 the field holding the routed counts, used by bench_dispatch.py, gpu_check.py and the --check mode.
@@ -64,7 +64,7 @@ def build_moe(shape, weights, device="cpu"):
     (router.weight (E, d), experts.w1/w3 (E, ff, d), experts.w2 (E, d, ff), NumPy)."""
     _, d_model, d_ff, n_experts, top_k = shape
     moe = tm.nn.MoE(d_model=d_model, d_ff=d_ff, n_experts=n_experts, top_k=top_k, device=device)
-    moe.load_mixtral({
+    tm.io.load_mixtral(moe, {
         "gate.weight": weights["router.weight"],
         "experts.gate_up_proj": np.concatenate([weights["experts.w1"], weights["experts.w3"]], axis=1),
         "experts.down_proj": weights["experts.w2"],

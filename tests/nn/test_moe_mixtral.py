@@ -56,7 +56,7 @@ def parameter_arrays(moe):
 def test_load_mixtral_maps_names_onto_the_layer(device, form, prefix):
     weights = mixtral_weights()
     moe = fresh_layer(device)
-    moe.load_mixtral(form(weights, prefix))
+    tm.io.load_mixtral(moe, form(weights, prefix))
     np.testing.assert_array_equal(host(moe.router.weight), weights["gate"])
     for name in ("w1", "w3", "w2"):
         np.testing.assert_array_equal(host(getattr(moe.experts, name)), weights[name])
@@ -68,8 +68,8 @@ def test_load_mixtral_maps_names_onto_the_layer(device, form, prefix):
 def test_fused_and_per_expert_forms_give_identical_layers():
     weights = mixtral_weights(3)
     fused, per_expert = fresh_layer(), fresh_layer()
-    fused.load_mixtral(fused_state(weights, PREFIX))
-    per_expert.load_mixtral(per_expert_state(weights))
+    tm.io.load_mixtral(fused, fused_state(weights, PREFIX))
+    tm.io.load_mixtral(per_expert, per_expert_state(weights))
     x = inputs((7, D_MODEL))
     np.testing.assert_array_equal(host(fused(x)), host(per_expert(x)))
 
@@ -79,7 +79,7 @@ def test_load_mixtral_casts_to_the_layer_dtype_and_clears_gradients():
     moe(inputs((3, D_MODEL), dtype="float32")).sum().backward()
     assert moe.router.weight.grad is not None
     weights = mixtral_weights()
-    moe.load_mixtral(per_expert_state({k: v.astype(np.float64) for k, v in weights.items()}))
+    tm.io.load_mixtral(moe, per_expert_state({k: v.astype(np.float64) for k, v in weights.items()}))
     assert moe.router.weight.dtype == np.float32 and moe.experts.w1.dtype == np.float32
     assert moe.router.weight.grad is None
     np.testing.assert_array_equal(host(moe.experts.w2), weights["w2"].astype(np.float32))
@@ -93,7 +93,7 @@ def test_a_prefix_picks_one_layer_of_a_full_checkpoint():
     checkpoint["lm_head.weight"] = np.zeros((3, D_MODEL))
     moe = fresh_layer()
     with pytest.raises(ValueError, match="prefix"):
-        moe.load_mixtral(checkpoint)  # several layers: ambiguous
+        tm.io.load_mixtral(moe, checkpoint)  # several layers: ambiguous
     tm.io.load_mixtral(moe, checkpoint, prefix="model.layers.1.mlp.")
     np.testing.assert_array_equal(host(moe.experts.w3), layers[1]["w3"])
 
@@ -117,7 +117,7 @@ def test_missing_keys_raise_an_error_naming_them(form, key):
     state = form(mixtral_weights(), PREFIX)
     del state[PREFIX + key]
     with pytest.raises(KeyError, match=re.escape(key)):
-        moe.load_mixtral(state)
+        tm.io.load_mixtral(moe, state)
     assert_unchanged(moe, before)
 
 
@@ -134,7 +134,7 @@ def test_unexpected_keys_raise_an_error_naming_them(form, key):
     state = form(mixtral_weights(), PREFIX)
     state[PREFIX + key] = np.zeros(3)
     with pytest.raises(KeyError, match=re.escape(PREFIX + key)):
-        moe.load_mixtral(state)
+        tm.io.load_mixtral(moe, state)
     assert_unchanged(moe, before)
 
 
@@ -151,7 +151,7 @@ def test_mis_shaped_keys_raise_an_error_naming_them_and_the_shapes(form, key, sh
     state = form(mixtral_weights())
     state[key] = np.zeros(shape)
     with pytest.raises(ValueError, match=f"(?s){re.escape(key)}.*{re.escape(str(shape))}"):
-        moe.load_mixtral(state)
+        tm.io.load_mixtral(moe, state)
     assert_unchanged(moe, before)
 
 
@@ -159,9 +159,9 @@ def test_mis_shaped_keys_raise_an_error_naming_them_and_the_shapes(form, key, sh
 def test_layers_that_are_not_mixtral_shaped_refuse_mixtral_weights(options):
     moe = fresh_layer(**options)
     with pytest.raises(ValueError, match="Mixtral"):
-        moe.load_mixtral(per_expert_state(mixtral_weights()))
+        tm.io.load_mixtral(moe, per_expert_state(mixtral_weights()))
     with pytest.raises(ValueError, match="Mixtral"):
-        moe.mixtral_state_dict()
+        tm.io.mixtral_state_dict(moe)
 
 
 # ----- export and files ---------------------------------------------------------------------------------------------
@@ -171,12 +171,12 @@ def expected_names():
 
 def test_mixtral_state_dict_round_trips():
     source = layer(D_MODEL, D_FF, N_EXPERTS, top_k=TOP_K, seed=5)
-    state = source.mixtral_state_dict()
+    state = tm.io.mixtral_state_dict(source)
     assert set(state) == expected_names()
     assert all(isinstance(value, np.ndarray) for value in state.values())
     assert state["experts.2.w2.weight"].shape == (D_MODEL, D_FF) and state["gate.weight"].shape == (N_EXPERTS, D_MODEL)
     target = fresh_layer()
-    target.load_mixtral(state)
+    tm.io.load_mixtral(target, state)
     x = inputs((8, D_MODEL))
     np.testing.assert_array_equal(host(target(x)), host(source(x)))
     state["gate.weight"][:] = 0.0  # an export is a copy
@@ -187,14 +187,14 @@ def test_safetensors_round_trip_into_a_layer(tmp_path):
     pytest.importorskip("safetensors")
     source = layer(D_MODEL, D_FF, N_EXPERTS, top_k=TOP_K, seed=6)
     path = tmp_path / "layer0.safetensors"
-    tm.io.save_safetensors({PREFIX + k: v for k, v in source.mixtral_state_dict().items()}, path)
+    tm.io.save_safetensors({PREFIX + k: v for k, v in tm.io.mixtral_state_dict(source).items()}, path)
     loaded = tm.io.load_safetensors(path)
     assert set(loaded) == {PREFIX + name for name in expected_names()}
-    for name, value in source.mixtral_state_dict().items():
+    for name, value in tm.io.mixtral_state_dict(source).items():
         assert loaded[PREFIX + name].dtype == np.float64
         np.testing.assert_array_equal(loaded[PREFIX + name], value)
     target = fresh_layer()
-    target.load_mixtral(loaded)
+    tm.io.load_mixtral(target, loaded)
     x = inputs((8, D_MODEL))
     np.testing.assert_array_equal(host(target(x)), host(source(x)))
     assert not list(tmp_path.glob(".tmp-*"))  # the atomic write left no temporary file behind
@@ -266,7 +266,7 @@ def test_equals_transformers_mixtral_sparse_moe_block(mixtral_module, dtype):
 
     block = transformers_block(mixtral_module, getattr(torch, dtype))
     moe = fresh_layer(dtype=dtype)
-    moe.load_mixtral({name: value.detach().numpy() for name, value in block.state_dict().items()})
+    tm.io.load_mixtral(moe, {name: value.detach().numpy() for name, value in block.state_dict().items()})
     x = np.random.default_rng(1).standard_normal((2, 5, D_MODEL))
     with torch.no_grad():
         expected = block(torch.tensor(x, dtype=getattr(torch, dtype))).numpy()

@@ -156,22 +156,6 @@ class MoE(Module):
         """Restart the layer's noise (jitter, noisy gating) from `seed`: makes training-mode forwards repeatable."""
         self.router.generator = as_generator(seed, "seed")
 
-    def load_mixtral(self, state_dict, prefix=None) -> None:
-        """Load Mixtral-format weights (per-expert or transformers' fused); see tinymoe.io.mixtral.
-
-        prefix: the layer's key prefix (e.g. "model.layers.3.block_sparse_moe."); found automatically when
-        the state dict holds one layer. Keys outside the prefix are ignored, so a whole checkpoint works.
-        """
-        from ..io.mixtral import load_mixtral
-
-        load_mixtral(self, state_dict, prefix)
-
-    def mixtral_state_dict(self) -> dict:
-        """This layer's weights named as in Mixtral checkpoints (per-expert w1/w2/w3), as NumPy arrays."""
-        from ..io.mixtral import mixtral_state_dict
-
-        return mixtral_state_dict(self)
-
     def extra_repr(self):
         return f"name={self.name!r}, shared_experts={self.n_shared_experts}"
 
