@@ -30,11 +30,12 @@ ALLOWED = {
     "functional": {"engine", "kernels", "distributed"},
     "nn": _BELOW_NN,
     "models": _BELOW_NN | {"nn", "io"},
-    "selfcheck": _BELOW_NN | {"nn", "models"},
+    "testing": _BELOW_NN,  # tm.testing: gradient assertions for users' test suites
+    "selfcheck": _BELOW_NN | {"nn", "models", "testing"},
     "train": _BELOW_NN | {"nn", "models", "io", "optim"},
-    "cli": _BELOW_NN | {"nn", "models", "io", "optim", "train", "selfcheck", "root"},
+    "cli": _BELOW_NN | {"nn", "models", "io", "optim", "train", "selfcheck", "testing", "root"},
     "root": {"engine", "kernels", "distributed", "functional", "nn", "models", "io", "optim", "train", "cli",
-             "selfcheck"},
+             "selfcheck", "testing"},
 }
 
 

@@ -82,6 +82,9 @@ def test_signature_and_defaults():
     assert parameters["atol"].default == 1e-5
     assert parameters["rtol"].default == 1e-4
     assert parameters["raise_exception"].default is True
+    keyword_only = [name for name, p in parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    assert keyword_only == ["n_directions", "exact_max_elements", "seed", "discrete", "roundoff", "return_report"]
+    assert parameters["discrete"].default is None and parameters["roundoff"].default == 4.0
 
 
 # ----- right backwards pass ----------------------------------------------------------------------------------
