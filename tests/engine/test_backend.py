@@ -55,6 +55,16 @@ def test_missing_cupy_raises_backend_unavailable_naming_cupy(monkeypatch):
         tm.tensor([1.0]).to("cuda")
 
 
+def test_import_optional_names_the_purpose_and_the_install_command(monkeypatch):
+    monkeypatch.setitem(sys.modules, "some_optional_package", None)
+    with pytest.raises(tm.BackendUnavailableError) as caught:
+        backend.import_optional("some_optional_package", "'tinymoe[extra]'", "the frobnicator needs some_package")
+    assert str(caught.value) == ("the frobnicator needs some_package, which is not installed: "
+                                 "pip install 'tinymoe[extra]'")
+    assert isinstance(caught.value.__cause__, ImportError)
+    assert backend.import_optional("json", "'json'", "never shown") is sys.modules["json"]
+
+
 def test_backend_unavailable_is_an_import_error():
     assert issubclass(tm.BackendUnavailableError, ImportError)
 
@@ -66,8 +76,7 @@ def test_cuda_request_without_gpu_is_a_clear_error():
 
 
 def test_missing_numba_raises_backend_unavailable_naming_numba(monkeypatch):
-    monkeypatch.setitem(sys.modules, "numba", None)
-    monkeypatch.setattr(backend, "_numba_module", None)
+    monkeypatch.setitem(sys.modules, "numba", None)  # makes `import numba` raise ImportError
     with pytest.raises(tm.BackendUnavailableError, match="numba"):
         backend.import_numba()
     assert tm.numba_available() is False
@@ -75,7 +84,6 @@ def test_missing_numba_raises_backend_unavailable_naming_numba(monkeypatch):
 
 def test_numba_is_found_when_installed(monkeypatch):
     numba = pytest.importorskip("numba")
-    monkeypatch.setattr(backend, "_numba_module", None)
     assert backend.import_numba() is numba
     assert tm.numba_available() is True
 

@@ -21,31 +21,21 @@ the user's statement, not detected. Neither CuPy path is tested on the developme
 """
 from __future__ import annotations
 
-import importlib
 import os
 
 import numpy as np
 
-from ..engine.backend import BackendUnavailableError, array_module, device_of, import_cupy
+from ..engine.backend import BackendUnavailableError, array_module, device_of, import_cupy, import_optional
 from .communicator import Communicator, exclusive_cumsum
-
-_mpi_module = None
 
 
 def import_mpi():
     """Return `mpi4py.MPI`, importing it (and so initialising MPI) on first use; a clear error if missing."""
-    global _mpi_module
-    if _mpi_module is None:
-        try:
-            _mpi_module = importlib.import_module("mpi4py.MPI")
-        except ImportError as error:
-            raise BackendUnavailableError(
-                "tinymoe.distributed over MPI needs mpi4py and an MPI library, which are not installed: "
-                "pip install 'tinymoe[mpi]'"
-            ) from error
-        except RuntimeError as error:  # mpi4py is there but cannot load or initialise its MPI library
-            raise BackendUnavailableError(f"mpi4py is installed but MPI could not be initialised: {error}") from error
-    return _mpi_module
+    try:
+        return import_optional("mpi4py.MPI", "'tinymoe[mpi]'",
+                               "tinymoe.distributed over MPI needs mpi4py (and an MPI library)")
+    except RuntimeError as error:  # mpi4py is there but cannot load or initialise its MPI library
+        raise BackendUnavailableError(f"mpi4py is installed but MPI could not be initialised: {error}") from error
 
 
 class MPICommunicator(Communicator):

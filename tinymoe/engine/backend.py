@@ -19,23 +19,28 @@ class BackendUnavailableError(ImportError):
     """An optional backend (CuPy, Numba, a CUDA device) was asked for and is not there."""
 
 
-_cupy_module = None
-_numba_module = None
+_cupy_module = None  # set once CuPy has imported and shown a device (and the matmul precision is applied)
 MATMUL_PRECISIONS = ("highest", "tf32")
 _matmul_precision = "highest"
+
+
+def import_optional(module: str, extra: str, purpose: str):
+    """Import the optional package `module` (a dotted name such as "numba" or "mpi4py.MPI") when it is first
+    asked for; Python keeps it in sys.modules, so later calls cost a lookup. When it is missing, raise
+    BackendUnavailableError "<purpose>, which is not installed: pip install <extra>", e.g. purpose "the Numba
+    kernels need numba", extra "'tinymoe[numba]'". Errors other than ImportError pass through unchanged."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        raise BackendUnavailableError(f"{purpose}, which is not installed: pip install {extra}") from error
 
 
 def import_cupy():
     """Return the `cupy` module, importing it on first use; raise a clear error if it cannot be used."""
     global _cupy_module
     if _cupy_module is None:
-        try:
-            cupy = importlib.import_module("cupy")
-        except ImportError as error:
-            raise BackendUnavailableError(
-                "device='cuda' needs CuPy, which is not installed: "
-                "pip install 'tinymoe[cuda12]' (CUDA 12) or 'tinymoe[cuda13]' (CUDA 13)"
-            ) from error
+        cupy = import_optional("cupy", "'tinymoe[cuda12]' (CUDA 12) or 'tinymoe[cuda13]' (CUDA 13)",
+                               "device='cuda' needs CuPy")
         try:
             device_count = cupy.cuda.runtime.getDeviceCount()
         except Exception as error:  # CuPy raises its own CUDARuntimeError when no driver is present
@@ -49,15 +54,7 @@ def import_cupy():
 
 def import_numba():
     """Return the `numba` module, importing it on first use; raise a clear error if it is missing."""
-    global _numba_module
-    if _numba_module is None:
-        try:
-            _numba_module = importlib.import_module("numba")
-        except ImportError as error:
-            raise BackendUnavailableError(
-                "the Numba kernels need numba, which is not installed: pip install 'tinymoe[numba]'"
-            ) from error
-    return _numba_module
+    return import_optional("numba", "'tinymoe[numba]'", "the Numba kernels need numba")
 
 
 def cuda_available() -> bool:

@@ -1,8 +1,10 @@
 """Elementwise activations: relu, gelu (exact and tanh), silu, sigmoid, softplus, tanh, exp, log.
 
-Each is a Function whose backward is dx = g · f'(x), with f' written out in its docstring. The raw formulas
-(a stable sigmoid, the float64-accurate erf NumPy lacks, and relu/silu/exact gelu as (f, f') pairs, shared
-with the experts) live in tinymoe.engine.array_math; relu, silu and exact gelu keep f'(x) from forward.
+Each is a Function whose backward is dx = g · f'(x), with f' written out in its docstring. Two small shapes
+serve all but gelu: `_SlopeFromForward` (relu, silu: forward keeps f'(x) from an (f, f') pair) and
+`_Elementwise` (sigmoid, softplus, tanh, exp, log: f and a one-line vector-Jacobian product of the saved
+output or input). The raw formulas (a stable sigmoid, the float64-accurate erf NumPy lacks, and relu/silu/exact
+gelu as (f, f') pairs, shared with the experts) live in tinymoe.engine.array_math; exact gelu keeps f'(x) too.
 """
 from __future__ import annotations
 
@@ -19,12 +21,15 @@ _GELU_TANH_CUBIC = 0.044715
 # ----- ops ---------------------------------------------------------------------------------------------
 
 
-class ReLU(Function):
-    """y = max(x, 0);  dx = g · [x > 0]  (0 at x = 0, like torch)"""
+class _SlopeFromForward(Function):
+    """An activation whose (f, f') pair is one array_math function (`f_with_derivative`, set by the subclass):
+    forward: y, s = f_with_derivative(x), keeping the slope s = f'(x);  backward: dx = g · s."""
 
-    @staticmethod
-    def forward(ctx, x):
-        y, slope = array_math.relu_with_derivative(x)
+    f_with_derivative = None  # x -> (f(x), f'(x)), e.g. array_math.relu_with_derivative
+
+    @classmethod
+    def forward(cls, ctx, x):
+        y, slope = cls.f_with_derivative(x)
         ctx.save_for_backward(slope)
         return y
 
@@ -32,6 +37,18 @@ class ReLU(Function):
     def backward(ctx, grad):
         (slope,) = ctx.saved_tensors
         return grad * slope
+
+
+class ReLU(_SlopeFromForward):
+    """y = max(x, 0);  dx = g · [x > 0]  (0 at x = 0, like torch)"""
+
+    f_with_derivative = staticmethod(array_math.relu_with_derivative)
+
+
+class SiLU(_SlopeFromForward):
+    """y = x·σ(x);  dx = g·σ(x)·(1 + x·(1 − σ(x)))"""
+
+    f_with_derivative = staticmethod(array_math.silu_with_derivative)
 
 
 class GELU(Function):
@@ -62,92 +79,60 @@ class GELU(Function):
         return grad * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du_dx)
 
 
-class SiLU(Function):
-    """y = x·σ(x);  dx = g·σ(x)·(1 + x·(1 − σ(x)))"""
+class _Elementwise(Function):
+    """An activation y = f(x) whose backward is a one-line vector-Jacobian product of one saved array: the
+    subclass sets `f(xp, x)` and either `vjp_from_output(g, y)` (forward keeps y) or `vjp_from_input(g, x)`
+    (forward keeps x). Only that one array is kept, so an op never holds its input alive without need."""
 
-    @staticmethod
-    def forward(ctx, x):
-        y, slope = array_math.silu_with_derivative(x)
-        ctx.save_for_backward(slope)
+    vjp_from_output = None
+    vjp_from_input = None
+
+    @classmethod
+    def forward(cls, ctx, x):
+        y = cls.f(ctx.xp, x)
+        ctx.save_for_backward(y if cls.vjp_from_output is not None else x)
         return y
 
-    @staticmethod
-    def backward(ctx, grad):
-        (slope,) = ctx.saved_tensors
-        return grad * slope
+    @classmethod
+    def backward(cls, ctx, grad):
+        (saved,) = ctx.saved_tensors
+        vjp = cls.vjp_from_output if cls.vjp_from_output is not None else cls.vjp_from_input
+        return vjp(grad, saved)
 
 
-class Sigmoid(Function):
+class Sigmoid(_Elementwise):
     """y = 1/(1 + exp(−x));  dx = g·y·(1 − y)"""
 
-    @staticmethod
-    def forward(ctx, x):
-        y = array_math.sigmoid(x)
-        ctx.save_for_backward(y)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad):
-        (y,) = ctx.saved_tensors
-        return grad * y * (1.0 - y)
+    f = staticmethod(lambda xp, x: array_math.sigmoid(x))
+    vjp_from_output = staticmethod(lambda grad, y: grad * y * (1.0 - y))
 
 
-class Softplus(Function):
+class Softplus(_Elementwise):
     """y = log(1 + exp(x)) = max(x, 0) + log1p(exp(−|x|)) (no overflow at any x);  dx = g·σ(x)"""
 
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return array_math.softplus(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        return grad * array_math.sigmoid(x)
+    f = staticmethod(lambda xp, x: array_math.softplus(x))
+    vjp_from_input = staticmethod(lambda grad, x: grad * array_math.sigmoid(x))
 
 
-class Tanh(Function):
+class Tanh(_Elementwise):
     """y = tanh(x);  dx = g·(1 − y²)"""
 
-    @staticmethod
-    def forward(ctx, x):
-        y = ctx.xp.tanh(x)
-        ctx.save_for_backward(y)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad):
-        (y,) = ctx.saved_tensors
-        return grad * (1.0 - y * y)
+    f = staticmethod(lambda xp, x: xp.tanh(x))
+    vjp_from_output = staticmethod(lambda grad, y: grad * (1.0 - y * y))
 
 
-class Exp(Function):
+class Exp(_Elementwise):
     """y = exp(x);  dx = g·y"""
 
-    @staticmethod
-    def forward(ctx, x):
-        y = ctx.xp.exp(x)
-        ctx.save_for_backward(y)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad):
-        (y,) = ctx.saved_tensors
-        return grad * y
+    f = staticmethod(lambda xp, x: xp.exp(x))
+    vjp_from_output = staticmethod(lambda grad, y: grad * y)
 
 
-class Log(Function):
+class Log(_Elementwise):
     """y = log(x) (NaN for x < 0, −inf at 0, as NumPy);  dx = g / x"""
 
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return ctx.xp.log(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        return grad / x
+    f = staticmethod(lambda xp, x: xp.log(x))
+    vjp_from_input = staticmethod(lambda grad, x: grad / x)
 
 
 # ----- public wrappers ---------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""rms_norm (Zhang & Sennrich 2019) and layer_norm (Ba et al. 2016) over the last axis, each one Function.
+"""rms_norm (Zhang & Sennrich 2019) and layer_norm (Ba et al. 2016) over the last axis, one Function each,
+sharing one backward.
 
 With x̂ the normalized input, r = 1/sqrt(statistic + eps) and ĝ = g · weight (g where there is no weight),
 over the last axis of size D (means are over that axis):
@@ -13,42 +14,49 @@ from ..engine.tensor import Tensor
 from ..engine.checks import require_number, require_same_dtype, require_tensor
 
 
-def _affine_grads(ctx, grad, normalized, grad_x, has_weight: bool, has_bias: bool):
-    """(dx, [d weight], [d bias]) in input order, None for inputs that need no gradient."""
-    grads = [grad_x]
-    width = normalized.shape[-1]
-    if has_weight:
-        needed = ctx.needs_input_grad[len(grads)]
-        grads.append((grad * normalized).reshape(-1, width).sum(axis=0) if needed else None)
-    if has_bias:
-        needed = ctx.needs_input_grad[len(grads)]
-        grads.append(grad.reshape(-1, width).sum(axis=0) if needed else None)
-    return tuple(grads)
+class _Normalization(Function):
+    """The backward rms_norm and layer_norm share. Forward keeps (x̂, r, weight), `ctx.subtracts_mean`
+    (layer_norm: x̂ is centred, so dx also loses mean(ĝ)) and `ctx.has_bias`; with ĝ = g · weight:
+        dx = r·(ĝ − [mean(ĝ)] − x̂·mean(ĝ·x̂)),  d weight = Σ_rows g·x̂,  d bias = Σ_rows g
+    Returns (dx, [d weight], [d bias]) in input order, None for inputs that need no gradient."""
+
+    @staticmethod
+    def backward(ctx, grad):
+        normalized, inverse_scale, weight = ctx.saved_tensors
+        grad_normalized = grad if weight is None else grad * weight
+        grads = [None]
+        if ctx.needs_input_grad[0]:
+            centered_grad = grad_normalized
+            if ctx.subtracts_mean:
+                centered_grad = grad_normalized - grad_normalized.mean(axis=-1, keepdims=True)
+            projection = (grad_normalized * normalized).mean(axis=-1, keepdims=True)
+            grads[0] = inverse_scale * (centered_grad - normalized * projection)
+        width = normalized.shape[-1]
+        if weight is not None:
+            needed = ctx.needs_input_grad[len(grads)]
+            grads.append((grad * normalized).reshape(-1, width).sum(axis=0) if needed else None)
+        if ctx.has_bias:
+            needed = ctx.needs_input_grad[len(grads)]
+            grads.append(grad.reshape(-1, width).sum(axis=0) if needed else None)
+        return tuple(grads)
 
 
-class RMSNorm(Function):
-    """y = x / sqrt(mean(x², -1) + eps) · weight;  dx = r·(ĝ − x̂·mean(ĝ·x̂)), d weight = Σ_rows g·x̂"""
+class RMSNorm(_Normalization):
+    """y = x / sqrt(mean(x², -1) + eps) · weight;  dx = r·(ĝ − x̂·mean(ĝ·x̂)), d weight = Σ_rows g·x̂
+    (backward: _Normalization's, without the mean(ĝ) term)"""
 
     @staticmethod
     def forward(ctx, x, weight, eps):
         inverse_rms = 1.0 / ctx.xp.sqrt((x * x).mean(axis=-1, keepdims=True) + eps)
         normalized = x * inverse_rms
         ctx.save_for_backward(normalized, inverse_rms, weight)
+        ctx.subtracts_mean, ctx.has_bias = False, False
         return normalized if weight is None else normalized * weight
 
-    @staticmethod
-    def backward(ctx, grad):
-        normalized, inverse_rms, weight = ctx.saved_tensors
-        grad_normalized = grad if weight is None else grad * weight
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            projection = (grad_normalized * normalized).mean(axis=-1, keepdims=True)
-            grad_x = inverse_rms * (grad_normalized - normalized * projection)
-        return _affine_grads(ctx, grad, normalized, grad_x, weight is not None, has_bias=False)
 
-
-class LayerNorm(Function):
-    """y = (x − mean) / sqrt(var + eps) · weight + bias;  dx = r·(ĝ − mean(ĝ) − x̂·mean(ĝ·x̂))"""
+class LayerNorm(_Normalization):
+    """y = (x − mean) / sqrt(var + eps) · weight + bias;  dx = r·(ĝ − mean(ĝ) − x̂·mean(ĝ·x̂))
+    (backward: _Normalization's)"""
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps):
@@ -56,20 +64,9 @@ class LayerNorm(Function):
         inverse_std = 1.0 / ctx.xp.sqrt((centered * centered).mean(axis=-1, keepdims=True) + eps)
         normalized = centered * inverse_std
         ctx.save_for_backward(normalized, inverse_std, weight)
-        ctx.has_bias = bias is not None
+        ctx.subtracts_mean, ctx.has_bias = True, bias is not None
         y = normalized if weight is None else normalized * weight
         return y if bias is None else y + bias
-
-    @staticmethod
-    def backward(ctx, grad):
-        normalized, inverse_std, weight = ctx.saved_tensors
-        grad_normalized = grad if weight is None else grad * weight
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            mean_grad = grad_normalized.mean(axis=-1, keepdims=True)
-            projection = (grad_normalized * normalized).mean(axis=-1, keepdims=True)
-            grad_x = inverse_std * (grad_normalized - mean_grad - normalized * projection)
-        return _affine_grads(ctx, grad, normalized, grad_x, weight is not None, ctx.has_bias)
 
 
 def _check_affine(x, parameter, argument: str, op: str) -> None:

@@ -16,36 +16,35 @@ from ..engine.function import Function
 from ..engine.tensor import Tensor
 
 
-class Softmax(Function):
+class _NormalizeAlongAxis(Function):
+    """softmax and log_softmax: y = f(x, axis) is kept with the axis, and the backward is a one-line
+    vector-Jacobian product of it, `vjp(xp, g, y, axis)`; the subclass sets both."""
+
+    @classmethod
+    def forward(cls, ctx, x, axis):
+        y = cls.f(x, axis)
+        ctx.save_for_backward(y)
+        ctx.axis = axis
+        return y
+
+    @classmethod
+    def backward(cls, ctx, grad):
+        (y,) = ctx.saved_tensors
+        return cls.vjp(ctx.xp, grad, y, ctx.axis)
+
+
+class Softmax(_NormalizeAlongAxis):
     """y = exp(x − max) / sum(exp(x − max), axis);  dx = y · (g − sum(g · y, axis))"""
 
-    @staticmethod
-    def forward(ctx, x, axis):
-        y = softmax_array(x, axis)
-        ctx.save_for_backward(y)
-        ctx.axis = axis
-        return y
-
-    @staticmethod
-    def backward(ctx, grad):
-        (y,) = ctx.saved_tensors
-        return softmax_backward(y, grad, ctx.axis)
+    f = staticmethod(softmax_array)
+    vjp = staticmethod(lambda xp, grad, y, axis: softmax_backward(y, grad, axis))
 
 
-class LogSoftmax(Function):
+class LogSoftmax(_NormalizeAlongAxis):
     """y = x − logsumexp(x, axis);  dx = g − exp(y) · sum(g, axis)"""
 
-    @staticmethod
-    def forward(ctx, x, axis):
-        y = log_softmax_array(x, axis)
-        ctx.save_for_backward(y)
-        ctx.axis = axis
-        return y
-
-    @staticmethod
-    def backward(ctx, grad):
-        (y,) = ctx.saved_tensors
-        return grad - ctx.xp.exp(y) * grad.sum(axis=ctx.axis, keepdims=True)
+    f = staticmethod(log_softmax_array)
+    vjp = staticmethod(lambda xp, grad, y, axis: grad - xp.exp(y) * grad.sum(axis=axis, keepdims=True))
 
 
 class LogSumExp(Function):
