@@ -17,7 +17,7 @@ import numpy as np
 from .. import functional as F
 from ..engine.autograd import no_grad
 from ..engine.backend import normalize_dtype, to_numpy
-from ..engine.checks import require_int
+from ..engine.checks import check_finite, finite_checks_enabled, require_int, require_number
 from ..engine.random import as_generator
 from ..engine.tensor import Tensor
 from ..nn import Dropout, Embedding, Linear, Module, ModuleList, MoE, MoEConfig, RMSNorm, SwiGLU
@@ -138,7 +138,8 @@ class Block(Module):
         if self.is_moe:
             self.ffn = MoE(c.moe, device=device, generator=generator, name=f"blocks.{index}.ffn")
         else:  # dense block with the active width of the MoE layers: top_k experts of width d_ff
-            self.ffn = SwiGLU(c.d_model, c.moe.d_ff * c.moe.top_k, dtype=c.dtype, device=device, generator=generator)
+            self.ffn = SwiGLU(c.d_model, c.moe.d_ff * c.moe.top_k, dtype=c.dtype, device=device, generator=generator,
+                              name=f"blocks.{index}.ffn")
         self.dropout = Dropout(c.dropout, generator=generator)
 
     def forward(self, h):
@@ -174,7 +175,10 @@ class MoETransformer(Module):
         h = self.token_embedding(xp.asarray(tokens)) + self.position_embedding(xp.arange(length))
         for block in self.blocks:
             h = block(h)
-        return F.linear(self.final_norm(h), self.token_embedding.weight)  # tied output head
+        logits = F.linear(self.final_norm(h), self.token_embedding.weight)  # tied output head
+        check_finite(logits.data, "MoETransformer: logits are not finite (NaN or inf): check the embedding and "
+                                  "attention weights (the MoE and dense blocks checked their outputs)")
+        return logits
 
     def loss(self, tokens, targets):
         """(total loss, parts): floats "total", "cross_entropy", and "aux", "z", "noisy" averaged over the MoE
@@ -195,6 +199,11 @@ class MoETransformer(Module):
                 reported["noisy"].append(noisy)
         scalars = [total, cross_entropy, *reported["aux"], *reported["z"], *reported["noisy"]]
         values = to_numpy(xp.stack([scalar.data.astype(xp.float64) for scalar in scalars])).tolist()
+        if finite_checks_enabled() and not all(math.isfinite(value) for value in values):  # host values: free
+            names = ["total", "cross_entropy"] + [f"{kind} of {layer.label}" for kind in ("aux", "z", "noisy")
+                                                  for layer in layers if kind != "noisy" or layer.load_loss is not None]
+            bad = [name for name, value in zip(names, values) if not math.isfinite(value)]
+            raise FloatingPointError(f"MoETransformer.loss: {', '.join(bad)} not finite (NaN or inf)")
         parts = {"total": values[0], "cross_entropy": values[1]}
         position, n_moe = 2, max(len(layers), 1)
         for name in ("aux", "z", "noisy"):
@@ -205,9 +214,13 @@ class MoETransformer(Module):
 
     @no_grad()
     def generate(self, prompt, length: int, temperature: float = 1.0, top_k: int | None = None, generator=None):
-        """Sample `length` tokens after `prompt` (a list of ids); returns the new ids. Uses eval mode."""
+        """Sample `length` tokens after `prompt` (a non-empty sequence of token ids in [0, vocab_size)); returns
+        the new ids. temperature: a positive finite number; top_k: None or an int >= 1. Uses eval mode."""
+        prompt = self._prompt_ids(prompt)
+        length = require_int(length, "length", "generate", low=0)
+        temperature = require_number(temperature, "temperature", "generate")
         if not temperature > 0:
-            raise ValueError(f"temperature={temperature!r} must be positive")
+            raise ValueError(f"generate: temperature={temperature!r} must be positive")
         if top_k is not None:
             require_int(top_k, "top_k", "generate", low=1)
         generator = as_generator(generator)
@@ -226,3 +239,21 @@ class MoETransformer(Module):
         finally:
             self.train(was_training)
         return tokens[len(prompt):]
+
+    def _prompt_ids(self, prompt) -> list:
+        """`prompt` as a list of Python ints, each a token id in [0, vocab_size); a clear error otherwise."""
+        if isinstance(prompt, (str, bytes)) or not hasattr(prompt, "__len__"):
+            raise TypeError(f"generate: prompt must be a sequence of token ids (ints), got {type(prompt).__name__}")
+        if hasattr(prompt, "shape") and len(prompt.shape) != 1:
+            raise ValueError(f"generate: prompt must be 1-D (a sequence of token ids), got shape {tuple(prompt.shape)}")
+        ids = list(prompt)
+        if not ids:
+            raise ValueError("generate: prompt is empty; give at least one token id to continue from")
+        vocab = self.config.vocab_size
+        for position, token in enumerate(ids):
+            if isinstance(token, (bool, np.bool_)) or not isinstance(token, (int, np.integer)):
+                raise TypeError(f"generate: prompt[{position}]={token!r} must be an int token id")
+            if not 0 <= token < vocab:
+                raise ValueError(f"generate: prompt[{position}]={int(token)} is outside the vocabulary "
+                                 f"[0, {vocab}) (vocab_size={vocab})")
+        return [int(token) for token in ids]

@@ -1,0 +1,95 @@
+"""`HFAttention`: the self-attention of the transformers decoders tinymoe loads (Llama, Qwen2/3, Mixtral,
+Qwen3-MoE, OLMoE), built from tinymoe's ops, for one `HFModelSpec` layer.
+
+    q, k, v = x Wqᵀ (+ bq), x Wkᵀ (+ bk), x Wvᵀ (+ bv)      Hq·D, Hkv·D, Hkv·D features
+    q, k    = RMSNorm(q), RMSNorm(k)      qk_norm="all": over the whole projection (OLMoE), before the head split
+                                         qk_norm="head": over each head's D features (Qwen3, Qwen3-MoE)
+    q, k    = RoPE(q, p), RoPE(k, p)      positions p (offset by the cached length when decoding)
+    o       = softmax(scale · q kᵀ, causal [, window W]) v  with query head h reading kv head h // (Hq/Hkv)
+    y       = o Woᵀ (+ bo)
+
+References: GQA (Ainslie et al. 2023), RoPE (Su et al. 2021), QK-norm (Dehghani et al. 2023; OLMoE, Qwen3).
+Every op here (linear, rms_norm, apply_rotary, grouped_query_attention) has its backward beside its forward.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..functional.grouped_attention import grouped_query_attention
+from ..functional.rotary import apply_rotary, rotary_frequencies
+from ..nn import Linear, Module, RMSNorm
+from .hf_config import HFModelSpec
+
+# The model_types whose attention HFAttention computes (DeepSeek-V3's MLA and GPT-OSS's sinks are not here).
+ATTENTION_TYPES = ("llama", "qwen2", "qwen3", "mixtral", "qwen3_moe", "olmoe")
+
+
+class HFAttention(Module):
+    """Self-attention of layer `layer` of `spec`: x (B, L, hidden) -> (B, L, hidden).
+
+    Sub-modules and parameters carry transformers' names: q_proj, k_proj, v_proj, o_proj (Linear, weight
+    (out, in)), q_norm / k_norm (RMSNorm) when spec.qk_norm is set.
+    """
+
+    def __init__(self, spec: HFModelSpec, layer: int, dtype="float32", device="cpu", generator=None):
+        super().__init__()
+        if spec.model_type not in ATTENTION_TYPES:
+            raise NotImplementedError(f"HFAttention: model_type={spec.model_type!r} is not implemented "
+                                      f"(supported: {ATTENTION_TYPES})")
+        self.layer = layer
+        self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
+        self.scale, self.qk_norm, self.rope_layout = spec.attention_scale, spec.qk_norm, spec.rope_layout
+        sliding = spec.layer_types[layer] == "sliding_attention"
+        self.sliding_window = spec.sliding_window if sliding else None
+        hidden, q_width, kv_width = spec.hidden_size, spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+        options = dict(dtype=dtype, device=device, generator=generator)
+        self.q_proj = Linear(hidden, q_width, bias=spec.qkv_bias, **options)
+        self.k_proj = Linear(hidden, kv_width, bias=spec.qkv_bias, **options)
+        self.v_proj = Linear(hidden, kv_width, bias=spec.qkv_bias, **options)
+        self.o_proj = Linear(q_width, hidden, bias=spec.out_bias, **options)
+        if spec.qk_norm is not None:
+            per_head = spec.qk_norm == "head"
+            self.q_norm = RMSNorm(spec.head_dim if per_head else q_width, eps=spec.rms_norm_eps, dtype=dtype, device=device)
+            self.k_norm = RMSNorm(spec.head_dim if per_head else kv_width, eps=spec.rms_norm_eps, dtype=dtype, device=device)
+        self.inv_freq, self.rope_scaling = rotary_frequencies(spec.rotary_dim, spec.rope_theta, spec.rope_scaling,
+                                                              spec.max_position_embeddings)
+        self.rotary_dim = spec.rotary_dim
+
+    def _heads(self, projected, heads, norm):
+        """(B, L, heads·D) -> (B, heads, L, D), with the per-head RMSNorm when qk_norm == "head"."""
+        batch, length, _ = projected.shape
+        split = projected.reshape(batch, length, heads, self.head_dim)
+        if norm is not None:
+            split = norm(split)
+        return split.transpose(0, 2, 1, 3)
+
+    def forward(self, x, positions, cache=None):
+        """x (B, L, hidden); positions: ints (L,) or (B, L), the absolute position of each token; cache: a KVCache
+        (this layer's keys and values are appended to it and attention reads all of them) or None."""
+        batch, length, _ = x.shape
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        per_head = self.qk_norm == "head"
+        if self.qk_norm == "all":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = self._heads(q, self.num_heads, self.q_norm if per_head else None)
+        k = self._heads(k, self.num_kv_heads, self.k_norm if per_head else None)
+        v = self._heads(v, self.num_kv_heads, None)
+        rope = dict(inv_freq=self.inv_freq, attention_scaling=self.rope_scaling, layout=self.rope_layout,
+                    rotary_dim=self.rotary_dim)
+        q, k = apply_rotary(q, positions, **rope), apply_rotary(k, positions, **rope)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)
+        attended = grouped_query_attention(q, k, v, causal=True, sliding_window=self.sliding_window, scale=self.scale)
+        return self.o_proj(attended.transpose(0, 2, 1, 3).reshape(batch, length, self.num_heads * self.head_dim))
+
+    def extra_repr(self):
+        return (f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
+                f"qk_norm={self.qk_norm!r}, sliding_window={self.sliding_window}")
+
+
+def positions_after(cached: int, length: int) -> np.ndarray:
+    """The absolute positions (L,) of `length` tokens that follow `cached` cached ones."""
+    return np.arange(cached, cached + length, dtype=np.int64)
+
+
+__all__ = ["ATTENTION_TYPES", "HFAttention", "positions_after"]
