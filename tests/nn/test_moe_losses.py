@@ -139,7 +139,10 @@ def test_z_loss_at_logits_of_1e4_is_finite_and_exact(device):
 
 def test_losses_are_scalars_that_follow_the_last_forward(device):
     moe = layer(device=device)
-    assert moe.aux_loss is None and moe.z_loss is None and moe.stats is None
+    assert moe.stats is None
+    for name in ("aux_loss", "z_loss", "importance_loss", "load_loss"):
+        with pytest.raises(RuntimeError, match=rf"MoE\.{name} is set by a forward; call the layer first"):
+            getattr(moe, name)
     with fast_kernels(device):
         moe(inputs((6, 6), seed=1, device=device))
         first = float(host(moe.z_loss))

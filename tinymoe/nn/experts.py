@@ -12,12 +12,21 @@ from __future__ import annotations
 import math
 
 from ..engine.backend import normalize_device, normalize_dtype
-from ..engine.checks import require_int
+from ..engine.checks import check_finite, require_int
 from ..engine.random import as_generator
 from ..functional.experts import mlp_experts_unchecked, swiglu_experts_unchecked
 from . import init
 from .module import Module
 from .moe_config import ACTIVATIONS, MoEConfig  # noqa: F401  (ACTIVATIONS: re-exported)
+
+
+NON_FINITE_ADVICE = ("check the weights for NaN/inf and the input's scale (float32 overflows above 3.4e38); "
+                     "tinymoe.set_finite_checks(False) turns these checks off")
+
+
+def layer_label(kind: str, name: str) -> str:
+    """How error messages name a layer: "MoE" for an unnamed one, "MoE 'blocks.0.ffn'" for a named one."""
+    return kind if name in (None, kind) else f"{kind} {name!r}"
 
 
 class Experts(Module):
@@ -35,9 +44,15 @@ class Experts(Module):
         self.n_experts, self.d_model, self.d_ff = config.n_experts, config.d_model, config.d_ff
         self.activation = activation = config.activation
         dtype = normalize_dtype(config.dtype, normalize_device(device))
+        shape_in, shape_out = (self.n_experts, self.d_ff, self.d_model), (self.n_experts, self.d_model, self.d_ff)
+        if activation == "swiglu":
+            shapes = {"w1": shape_in, "w3": shape_in, "w2": shape_out}
+        else:
+            shapes = {"w1": shape_in, "b1": shape_in[:2], "w2": shape_out, "b2": shape_out[:2]}
+        init.require_memory("Experts", shapes, dtype, {"n_experts": self.n_experts, "d_ff": self.d_ff,
+                                                       "d_model": self.d_model}, normalize_device(device))
         generator = as_generator(generator)
         in_bound, out_bound = 1 / math.sqrt(self.d_model), 1 / math.sqrt(self.d_ff)
-        shape_in, shape_out = (self.n_experts, self.d_ff, self.d_model), (self.n_experts, self.d_model, self.d_ff)
         self.w1 = init.uniform(shape_in, in_bound, generator, dtype, device)
         if activation == "swiglu":
             self.w3 = init.uniform(shape_in, in_bound, generator, dtype, device)
@@ -61,18 +76,23 @@ class SwiGLU(Module):
     """A dense SwiGLU feed-forward block, y = w2 (silu(w1 x) ⊙ w3 x), with w1, w3 (ff, d) and w2 (d, ff).
 
     Used for always-on shared experts (n shared experts of width ff are one block of width n·ff) and
-    for dense layers. It runs as a single expert that owns every row.
+    for dense layers. It runs as a single expert that owns every row. name: used in error messages; a
+    non-finite output raises FloatingPointError naming it (see tinymoe.set_finite_checks).
     """
 
-    def __init__(self, d_model, d_ff, dtype="float32", device="cpu", generator=None):
+    def __init__(self, d_model, d_ff, dtype="float32", device="cpu", generator=None, name="SwiGLU"):
         super().__init__()
         self.d_model = require_int(d_model, "d_model", "SwiGLU", low=1)
         self.d_ff = require_int(d_ff, "d_ff", "SwiGLU", low=1)
+        self.name = name
+        shape_in, shape_out = (self.d_ff, self.d_model), (self.d_model, self.d_ff)
+        init.require_memory("SwiGLU", {"w1": shape_in, "w3": shape_in, "w2": shape_out}, dtype,
+                            {"d_ff": self.d_ff, "d_model": self.d_model}, normalize_device(device))
         generator = as_generator(generator)
         in_bound, out_bound = 1 / math.sqrt(self.d_model), 1 / math.sqrt(self.d_ff)
-        self.w1 = init.uniform((self.d_ff, self.d_model), in_bound, generator, dtype, device)
-        self.w3 = init.uniform((self.d_ff, self.d_model), in_bound, generator, dtype, device)
-        self.w2 = init.uniform((self.d_model, self.d_ff), out_bound, generator, dtype, device)
+        self.w1 = init.uniform(shape_in, in_bound, generator, dtype, device)
+        self.w3 = init.uniform(shape_in, in_bound, generator, dtype, device)
+        self.w2 = init.uniform(shape_out, out_bound, generator, dtype, device)
 
     def forward(self, x):
         """x (..., d) → (..., d)."""
@@ -80,6 +100,8 @@ class SwiGLU(Module):
         offsets = (0, rows.shape[0])
         w1, w3 = self.w1.reshape(1, self.d_ff, self.d_model), self.w3.reshape(1, self.d_ff, self.d_model)
         out = swiglu_experts_unchecked(rows, w1, w3, self.w2.reshape(1, self.d_model, self.d_ff), offsets)
+        check_finite(out.data, lambda: f"{layer_label('SwiGLU', self.name)}: output is not finite (NaN or inf); "
+                                       f"{NON_FINITE_ADVICE}")
         return out.reshape(*x.shape)
 
     def extra_repr(self):

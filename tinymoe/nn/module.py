@@ -14,6 +14,7 @@ from collections import OrderedDict
 import numpy as np
 
 from ..engine.backend import device_of, normalize_device, normalize_dtype, to_device, to_numpy
+from ..engine.checks import require_bool, require_finite_array
 from ..engine.tensor import Tensor, tensor
 
 
@@ -36,11 +37,16 @@ class Module:
 
     # ----- registration ------------------------------------------------------------------------------
     def __setattr__(self, name, value):
+        """Registers Parameters, Modules and (by name) buffers. A Parameter holding NaN or inf, or a buffer
+        holding NaN, raises FloatingPointError naming the attribute (buffers may hold ±inf: masks)."""
         if "_parameters" not in self.__dict__:
             raise RuntimeError(f"{type(self).__name__}: call super().__init__() before assigning attributes")
         if name in self._buffers and not isinstance(value, (Parameter, Module)):
+            require_finite_array(value, name, type(self).__name__, allow_inf=True)
             self._buffers[name] = value
             return
+        if isinstance(value, Parameter):
+            require_finite_array(value.data, name, type(self).__name__)
         for registry in (self._parameters, self._modules, self._buffers):
             registry.pop(name, None)
         if isinstance(value, Parameter):
@@ -86,8 +92,9 @@ class Module:
 
     # ----- modes, devices, gradients -----------------------------------------------------------------
     def train(self, mode: bool = True) -> "Module":
+        mode = require_bool(mode, "mode", f"{type(self).__name__}.train")
         for _, module in self.named_modules():
-            object.__setattr__(module, "training", bool(mode))
+            object.__setattr__(module, "training", mode)
         return self
 
     def eval(self) -> "Module":
@@ -133,9 +140,11 @@ class Module:
     def load_state_dict(self, state, strict: bool = True) -> None:
         """Copy arrays into parameters and buffers (cast to their dtype, moved to their device).
 
-        Raises KeyError naming every missing or unexpected key (strict), ValueError naming mis-shaped ones;
-        nothing is changed unless every key checks out.
+        Raises KeyError naming every missing or unexpected key (strict), ValueError naming mis-shaped ones,
+        FloatingPointError naming a parameter holding NaN or inf (or a buffer holding NaN); nothing is changed
+        unless every key checks out.
         """
+        strict = require_bool(strict, "strict", "load_state_dict")
         targets = OrderedDict()
         for module_name, module in self.named_modules():
             for name in list(module._parameters) + list(module._buffers):
@@ -153,6 +162,9 @@ class Module:
                     mismatched.append(f"{key}: checkpoint {tuple(np.shape(state[key]))} vs model {current_shape}")
         if mismatched:
             raise ValueError("load_state_dict: shape mismatch for " + "; ".join(mismatched))
+        for key, (module, name) in targets.items():
+            if key in state:
+                require_finite_array(state[key], repr(key), "load_state_dict", allow_inf=name in module._buffers)
         for key, (module, name) in targets.items():
             if key not in state:
                 continue

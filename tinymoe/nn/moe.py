@@ -17,10 +17,10 @@ import functools
 import numpy as np
 
 from ..engine.backend import array_module, normalize_device, normalize_dtype, to_numpy
-from ..engine.checks import require_tensor
+from ..engine.checks import check_finite, require_tensor
 from ..engine.random import as_generator
 from ..functional.dispatch import combine_rows_unchecked, gather_rows_unchecked, routing_plan_unchecked
-from .experts import Experts, SwiGLU
+from .experts import NON_FINITE_ADVICE, Experts, SwiGLU, layer_label
 from .module import Module
 from .moe_config import MoEConfig, option_names
 from .router import Router
@@ -97,9 +97,12 @@ class MoE(Module):
     The options are those of MoEConfig (validated there). Construction arguments: device ("cpu" or "cuda"),
     generator (an int seed or numpy Generator: initial weights, jitter and router noise; None = unseeded),
     seed (the same, the name of earlier releases), name (used in error messages).
-    After each forward: `aux_loss` (load balance, a scalar Tensor), `z_loss` (router z-loss), for
-    router="noisy" also `importance_loss` and `load_loss`, and `stats` (MoEStats, computed when read).
-    See router.py for the routing rules and experts.py for the expert networks.
+    After each forward: `aux_loss` (load balance, a scalar Tensor), `z_loss` (router z-loss),
+    `importance_loss` and `load_loss` (scalar Tensors for router="noisy", None for the other routers), and
+    `stats` (MoEStats, computed when read). Reading any of the four losses before the first forward raises
+    RuntimeError (they describe a forward). A forward whose router logits or output hold NaN or inf raises
+    FloatingPointError naming the layer (one reduction per check; `tinymoe.set_finite_checks(False)` turns
+    them off). See router.py for the routing rules and experts.py for the expert networks.
     """
 
     def __init__(self, config=None, *sizes, device="cpu", generator=None, seed=None, name="MoE", **options):
@@ -115,25 +118,44 @@ class MoE(Module):
         self.experts = Experts(config, device=device, generator=generator)
         self.n_shared_experts = config.n_shared_experts
         if self.n_shared_experts:
-            self.shared = SwiGLU(config.d_model, self.n_shared_experts * config.d_ff, self.dtype, device, generator)
+            self.shared = SwiGLU(config.d_model, self.n_shared_experts * config.d_ff, self.dtype, device, generator,
+                                 name=f"{name}.shared")
         self.d_model, self.n_experts, self.top_k = config.d_model, config.n_experts, config.top_k
-        self.aux_loss = self.z_loss = self.importance_loss = self.load_loss = None
+        self._losses = None  # (aux, z, importance, load) of the last forward
         self.stats = None
 
+    @property
+    def label(self) -> str:
+        """The layer as error messages name it: "MoE", or "MoE 'blocks.0.ffn'" for a named layer."""
+        return layer_label("MoE", self.name)
+
+    def _loss(self, index: int, name: str):
+        if self._losses is None:
+            raise RuntimeError(f"{self.label}: MoE.{name} is set by a forward; call the layer first")
+        return self._losses[index]
+
+    aux_loss = property(lambda self: self._loss(0, "aux_loss"), doc="Load-balance loss of the last forward.")
+    z_loss = property(lambda self: self._loss(1, "z_loss"), doc="Router z-loss of the last forward.")
+    importance_loss = property(lambda self: self._loss(2, "importance_loss"),
+                               doc="Importance loss of the last forward (router='noisy'; None otherwise).")
+    load_loss = property(lambda self: self._loss(3, "load_loss"),
+                         doc="Smooth load loss of the last forward (router='noisy'; None otherwise).")
+
     def forward(self, x):
-        require_tensor(x, "x", self.name)
+        label = self.label
+        require_tensor(x, "x", label)
         if x.ndim < 1 or x.shape[-1] != self.d_model:
-            raise ValueError(f"{self.name}: x must have last dimension d_model={self.d_model}, got shape {x.shape}")
+            raise ValueError(f"{label}: x must have last dimension d_model={self.d_model}, got shape {x.shape}")
         if x.dtype != self.experts.w1.dtype:
-            raise TypeError(f"{self.name}: x is {x.dtype.name} but the layer is {self.experts.w1.dtype.name}; "
+            raise TypeError(f"{label}: x is {x.dtype.name} but the layer is {self.experts.w1.dtype.name}; "
                             "cast with x.astype(...) or build the layer with that dtype")
         if x.device != self.experts.w1.device:
-            raise ValueError(f"{self.name}: x is on {x.device!r} but the layer is on {self.experts.w1.device!r}")
+            raise ValueError(f"{label}: x is on {x.device!r} but the layer is on {self.experts.w1.device!r}")
         rows = x.reshape(-1, self.d_model)
         if rows.shape[0] == 0:
-            raise ValueError(f"{self.name}: x holds no tokens (shape {x.shape})")
+            raise ValueError(f"{label}: x holds no tokens (shape {x.shape})")
 
-        routing = self.router(rows, layer_name=self.name)
+        routing = self.router(rows, layer_name=label)
         plan = routing_plan_unchecked(routing.expert_ids, self.n_experts, routing.capacity, routing.valid)
         dispatched = gather_rows_unchecked(rows, plan.row_token, token_rows=plan.assignment_row)
         expert_out = self.experts(dispatched, plan.expert_offsets_host)
@@ -141,9 +163,10 @@ class MoE(Module):
                                      row_assignment=plan.row_assignment)
         if self.n_shared_experts:
             out = out + self.shared(rows)
+        # The logits were finite (the router checked them), so a NaN or inf here comes from the experts.
+        check_finite(out.data, lambda: f"{label}: expert output is not finite (NaN or inf); {NON_FINITE_ADVICE}")
 
-        self.aux_loss, self.z_loss = routing.aux_loss, routing.z_loss
-        self.importance_loss, self.load_loss = routing.importance_loss, routing.load_loss
+        self._losses = (routing.aux_loss, routing.z_loss, routing.importance_loss, routing.load_loss)
         self.stats = MoEStats(routing.probs.data, routing.requested_per_expert, routing.valid,
                               plan.kept_per_expert, plan.n_tokens, plan.dropped_fraction)
         return out.reshape(*x.shape)

@@ -45,19 +45,29 @@ def _flag(value, name):
     return value
 
 
-def _real(value, name) -> float:
+def _real(value, name, op=_OP) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{_OP}: {name}={value!r} must be a real number")
+        raise TypeError(f"{op}: {name}={value!r} must be a real number")
     return float(value)
+
+
+def positive_finite(value, name, op=_OP) -> float:
+    """`value` as a float when it is a real number in (0, inf); TypeError (bools, strings) or ValueError otherwise.
+
+    The check of capacity_factor and bias_update_rate, shared with Router.update_bias(rate=...)."""
+    number = _real(value, name, op)
+    if not (math.isfinite(number) and number > 0):
+        raise ValueError(f"{op}: {name}={value!r} must be a positive finite number")
+    return number
 
 
 def _optional_positive(value, name):
     if value is None:
         return None
-    number = _real(value, name)
-    if not (math.isfinite(number) and number > 0):
-        raise ValueError(f"{_OP}: {name}={value!r} must be a positive finite number or None")
-    return number
+    try:
+        return positive_finite(value, name)
+    except ValueError as error:
+        raise ValueError(f"{error} or None") from None
 
 
 def _unit_interval(value, name):

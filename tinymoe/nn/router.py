@@ -6,8 +6,9 @@
     "sigmoid"        top-k of σ(z) + bias                DeepSeek-V3, auxiliary-loss-free balance
     "expert_choice"  each expert its top-C tokens        Zhou et al. 2022
 
-Capacity: token choice keeps C = ceil(capacity_factor · T · k / E) assignments per expert (None = dropless);
-expert choice takes C = ceil(capacity_factor · T / E) tokens per expert (capacity_factor None means k).
+Capacity: token choice keeps C = min(T, ceil(capacity_factor · T · k / E)) assignments per expert (None =
+dropless); expert choice takes C = min(T, ceil(capacity_factor · T / E)) tokens per expert (capacity_factor None
+means k). An expert can never be asked for more than T rows, so a factor beyond that acts as dropless.
 The router computes in float32 at least (float64 when the layer is float64), whatever the layer's dtype.
 """
 from __future__ import annotations
@@ -18,13 +19,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import functional as F
-from ..engine.backend import to_numpy
+from ..engine.backend import normalize_device, to_numpy
+from ..engine.checks import check_finite, require_finite_array
 from ..engine.random import as_generator, standard_normal, uniform
 from ..engine.tensor import Tensor
 from . import init
 from .gating import ExpertChoice, NoisyLogits, SigmoidTopK, SoftmaxTopK
 from .module import Module
-from .moe_config import ROUTERS, MoEConfig
+from .moe_config import ROUTERS, MoEConfig, positive_finite
 from .router_losses import ImportanceLoss, LoadBalanceLoss, NoisyLoadLoss, ZLoss
 
 __all__ = ["ROUTERS", "Router", "Routing", "router_dtype"]
@@ -71,6 +73,11 @@ class Router(Module):
         self.bias_update_rate = config.bias_update_rate
         self.generator = as_generator(generator)
         compute_dtype = router_dtype(config.dtype)
+        shapes = {"weight": (self.n_experts, self.d_model)}
+        if self.kind == "noisy":
+            shapes["noise_weight"] = shapes["weight"]
+        init.require_memory("Router", shapes, compute_dtype, {"n_experts": self.n_experts, "d_model": self.d_model},
+                            normalize_device(device))
         bound = 1 / math.sqrt(self.d_model)
         self.weight = init.uniform((self.n_experts, self.d_model), bound, self.generator, compute_dtype, device)
         if self.kind == "noisy":
@@ -80,12 +87,14 @@ class Router(Module):
         self.last_load = None  # numpy (E,): assignments per expert in the last training forward
 
     def capacity(self, n_tokens: int):
+        """Rows each expert keeps for a batch of n_tokens (None: dropless), at most n_tokens: no expert can be
+        asked for more, so a huge factor means dropless (and never overflows an int in a kernel)."""
         if self.kind == "expert_choice":
             factor = self.top_k if self.capacity_factor is None else self.capacity_factor
-            return min(n_tokens, max(1, math.ceil(factor * n_tokens / self.n_experts)))
+            return max(1, _clamped_ceil(factor * n_tokens / self.n_experts, n_tokens))
         if self.capacity_factor is None:
             return None
-        return math.ceil(self.capacity_factor * n_tokens * self.top_k / self.n_experts)
+        return _clamped_ceil(self.capacity_factor * n_tokens * self.top_k / self.n_experts, n_tokens)
 
     def forward(self, x, layer_name="MoE"):
         """x (T, d) → Routing. Raises FloatingPointError naming `layer_name` if the logits are not finite."""
@@ -95,10 +104,8 @@ class Router(Module):
             noise = uniform(self.generator, routed_input.shape, xp, routed_input.dtype, 1 - self.jitter, 1 + self.jitter)
             routed_input = routed_input * Tensor(noise)
         logits = F.linear(routed_input, self.weight)
-        if not bool(xp.isfinite(logits.data).all()):
-            raise FloatingPointError(
-                f"{layer_name}: router logits are not finite (NaN or inf); check the input and the router weights"
-            )
+        check_finite(logits.data, lambda: f"{layer_name}: router logits are not finite (NaN or inf); check the "
+                                          "input and the router weights (tinymoe.set_finite_checks(False): no checks)")
         capacity = self.capacity(n_tokens)
         valid = importance_loss = load_loss = None
         if self.kind == "softmax":
@@ -112,6 +119,8 @@ class Router(Module):
             importance_loss = ImportanceLoss.apply(weights, expert_ids, self.n_experts)
             load_loss = NoisyLoadLoss.apply(logits, noise_logits, noise, self.top_k)
         elif self.kind == "sigmoid":
+            check_finite(self.bias, lambda: f"{layer_name}: the sigmoid router's bias holds NaN or inf (it would "
+                                            "collapse the routing); reload or reset router.bias")
             probs, weights, expert_ids = SigmoidTopK.apply(logits, self.bias, self.top_k, self.normalize_top_k)
         else:
             probs, weights, expert_ids, valid = ExpertChoice.apply(logits, capacity)
@@ -134,14 +143,28 @@ class Router(Module):
         """DeepSeek-V3's balance step: bias_e += u · sign(mean load − load_e), load from the last training forward."""
         if self.kind != "sigmoid":
             raise ValueError(f"update_bias() applies to router='sigmoid' only (this router is {self.kind!r})")
-        rate = self.bias_update_rate if rate is None else rate
-        if rate is None or not rate > 0:
-            raise ValueError(f"update_bias needs a positive rate (got {rate!r}); pass rate= or set bias_update_rate")
+        if rate is None:
+            rate = self.bias_update_rate
+            if rate is None:
+                raise ValueError("update_bias: rate=None and the router has no bias_update_rate; pass rate= "
+                                 "(a positive finite number) or set MoEConfig.bias_update_rate")
+        else:
+            rate = positive_finite(rate, "rate", "update_bias")
         if self.last_load is None:
             raise RuntimeError("update_bias() needs a training-mode forward first (it balances the load it saw)")
         load = self.last_load.astype(np.float64)
         step = rate * np.sign(load.mean() - load)
         self.bias = self.bias + self.weight.xp.asarray(step, dtype=self.bias.dtype)
 
+    def __setattr__(self, name, value):
+        if name == "bias" and value is not None and "bias" in self._buffers:
+            require_finite_array(value, "bias", "Router")  # a NaN bias would silently collapse the routing
+        super().__setattr__(name, value)
+
     def extra_repr(self):
         return f"{self.kind!r}, d_model={self.d_model}, n_experts={self.n_experts}, top_k={self.top_k}"
+
+
+def _clamped_ceil(rows: float, n_tokens: int) -> int:
+    """min(n_tokens, ceil(rows)), computed without math.ceil of a huge (or infinite) float."""
+    return n_tokens if not rows < n_tokens else math.ceil(rows)

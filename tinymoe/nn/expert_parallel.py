@@ -1,0 +1,261 @@
+"""`ExpertParallelMoE`: an MoE layer whose E experts are split over the P ranks of a Communicator.
+
+Rank r holds experts [r·E/P, (r+1)·E/P) and routes its own tokens (its "token group"); the router, the
+shared experts and everything outside the layer are replicated (data-parallel). One forward on rank r:
+
+    routing = router(x_r)                      replicated router, r's T_r tokens
+    plan    = routing_plan(expert_ids)         expert-major, hence destination-major
+    xs      = gather_rows(x_r, plan)           (M_r, d)
+    xplan   = plan_expert_exchange(kept, comm) all-to-all of the (P, E/P) counts
+    recv    = exchange_rows(xs, xplan)         all-to-all of the rows, source-major
+    ys      = experts(recv[order])             local experts on expert-major rows
+    back    = exchange_rows(ys[inverse])       the reverse all-to-all: every row returns where it came from
+    y_r[t]  = Σ_j w[t, j] · back[row(t, j)] (+ shared(x_r[t]))
+
+Backward runs both exchanges reversed (`exchange_rows`' own backward); the two permutations' backwards are
+gathers. Every rank must call forward and backward of the layer, in the same order (design note in
+`tinymoe.distributed`).
+
+Global statistics, so the objective J = (1/P) Σ_r L_r (L_r: rank r's loss, a mean over its tokens) equals
+the single-process loss on the concatenated batch (equal T_r on every rank):
+  aux_loss   E · Σ_e f_e · P_e^r with f_e from the all-reduced counts and P_e^r rank r's mean probability;
+             (1/P) Σ_r aux_r = E · Σ_e f_e P_e, the global value, and so is its gradient.
+  importance / load (noisy)  CV² of the global sums: the (T_r, E) inputs are all-gathered (`AllGatherRows`,
+             backward: all-reduce then take my rows), so every rank evaluates the single-process loss.
+  sigmoid bias  the aux-free update (DeepSeek-V3) sees the global load, identical on every rank.
+  capacity   per token group, C = ceil(cf·T_r·k/E) on rank r (GShard's groups): equal to the single-process
+             layer applied to each group separately, not to one call on the concatenated batch.
+  expert choice  each expert takes its top C tokens of each group (C from T_r): again per group.
+  noise, jitter  drawn per rank from the replicated generator (identical streams, T_r rows each); in eval
+             mode there is none, and the layer then equals the single-process one.
+Gradient scaling (done by `tinymoe.train.distributed.reduce_gradients`): replicated gradients are averaged
+over ranks; a local expert's gradient already sums the contributions of every rank's tokens (they came
+through the exchange), so it is divided by P. `stats` holds this rank's routing; `exchange_stats` the rows
+and bytes this rank exchanged and the seconds spent in the all-to-alls (forward and backward).
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from ..distributed.communicator import Communicator
+from ..distributed.expert_parallel import plan_expert_exchange
+from ..engine.backend import to_numpy
+from ..engine.checks import require_tensor
+from ..engine.function import Function
+from ..engine.random import standard_normal, uniform
+from ..engine.tensor import Tensor
+from ..functional import linear
+from ..functional.dispatch import combine_rows_unchecked, gather_rows_unchecked, routing_plan_unchecked
+from .module import Module, Parameter
+from .moe import MoE, MoEStats
+from .router_losses import ImportanceLoss, LoadBalanceLoss, NoisyLoadLoss
+
+__all__ = ["AllGatherRows", "ExchangeStats", "ExpertParallelMoE", "expert_parallel"]
+
+
+class ExchangeStats:
+    """What one rank's exchanges moved in one training step (forward and backward of every exchange).
+
+    rows_sent, rows_received: dispatched rows of the forward; bytes_sent, bytes_received: every all-to-all
+    of rows (forward and backward); seconds: wall time inside those all-to-alls (includes waiting for the
+    slowest rank, so load imbalance shows here)."""
+
+    def __init__(self):
+        self.rows_sent = self.rows_received = self.bytes_sent = self.bytes_received = 0
+        self.seconds = 0.0
+
+    def as_dict(self) -> dict:
+        return {"rows_sent": self.rows_sent, "rows_received": self.rows_received, "bytes_sent": self.bytes_sent,
+                "bytes_received": self.bytes_received, "seconds": self.seconds}
+
+    def __repr__(self):
+        return f"ExchangeStats({self.as_dict()})"
+
+
+def _metered_alltoallv(comm, rows, send_counts, recv_counts, meter: ExchangeStats):
+    started = time.perf_counter()
+    out = comm.alltoallv_rows(rows, send_counts, recv_counts)
+    meter.seconds += time.perf_counter() - started
+    row_bytes = rows.dtype.itemsize * (rows.shape[1] if rows.ndim > 1 else 1)
+    meter.bytes_sent += int(send_counts.sum()) * row_bytes
+    meter.bytes_received += int(recv_counts.sum()) * row_bytes
+    return out
+
+
+class MeteredExchangeRows(Function):
+    """`tinymoe.functional.all_to_all.ExchangeRows` that also counts bytes and seconds into an ExchangeStats.
+
+    out = alltoallv(rows, send_counts, recv_counts); backward: alltoallv(g, recv_counts, send_counts)."""
+
+    fresh_gradients = True
+
+    @staticmethod
+    def forward(ctx, rows, send_counts, recv_counts, comm, meter):
+        ctx.send_counts, ctx.recv_counts, ctx.comm, ctx.meter = send_counts, recv_counts, comm, meter
+        return _metered_alltoallv(comm, rows, send_counts, recv_counts, meter)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _metered_alltoallv(ctx.comm, grad, ctx.recv_counts, ctx.send_counts, ctx.meter)
+
+
+class AllGatherRows(Function):
+    """out = concat_s rows_s (every rank's rows, in rank order), the same (N, ...) array on every rank.
+
+    Every rank's loss may use all of out, so rows_r's gradient sums every rank's cotangent for its rows:
+    d rows_r = (Σ_s g_s)[o_r : o_r + n_r], an all-reduce (rank order: deterministic) and a slice."""
+
+    @staticmethod
+    def forward(ctx, rows, comm):
+        counts = comm.allgather_rows(np.array([rows.shape[0]], dtype=np.int64))
+        ctx.comm, ctx.start = comm, int(counts[:comm.rank].sum())
+        ctx.stop = ctx.start + rows.shape[0]
+        return comm.allgather_rows(rows)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return ctx.comm.allreduce_sum(ctx.xp.ascontiguousarray(grad))[ctx.start:ctx.stop].copy()
+
+
+def _shallow_copy(module: Module, cls=None) -> Module:
+    """A new module object (of `cls`, default module's class) with the same attributes and its own
+    registries holding the same Parameter objects."""
+    copy = (cls or type(module)).__new__(cls or type(module))
+    for key, value in module.__dict__.items():
+        object.__setattr__(copy, key, value.copy() if key in ("_parameters", "_buffers", "_modules") else value)
+    return copy
+
+
+class ExpertParallelMoE(MoE):
+    """MoE over P ranks (module docstring). Build it like MoE, plus `comm=`; every rank builds the whole
+    layer from the same generator (so the weights equal the single-process layer's) and keeps its E/P
+    experts: `experts.w1` is (E/P, ff, d) on every rank, experts `expert_range` of the full layer.
+
+        layer = ExpertParallelMoE(config, comm=tinymoe.distributed.world(), generator=0)
+        layer = ExpertParallelMoE.from_moe(moe, comm)      # from a built MoE (which stays unchanged)
+    """
+
+    def __init__(self, config=None, *sizes, comm, device="cpu", generator=None, seed=None, name="MoE", **options):
+        super().__init__(config, *sizes, device=device, generator=generator, seed=seed, name=name, **options)
+        self._shard(comm)
+
+    @classmethod
+    def from_moe(cls, moe: MoE, comm: Communicator) -> "ExpertParallelMoE":
+        """The expert-parallel layer holding moe's router and shared experts (the same Parameter objects) and
+        this rank's slice of its experts (copies): the given layer itself is not changed."""
+        if not isinstance(moe, MoE) or isinstance(moe, ExpertParallelMoE):
+            raise TypeError(f"ExpertParallelMoE.from_moe: moe must be a single-process MoE, got {type(moe).__name__}")
+        layer = _shallow_copy(moe, cls)
+        layer._modules["experts"] = _shallow_copy(moe.experts)
+        layer._shard(comm)
+        return layer
+
+    def _shard(self, comm) -> None:
+        if not isinstance(comm, Communicator):
+            raise TypeError(f"{self.name}: comm must be a tinymoe.distributed.Communicator, got {type(comm).__name__}")
+        if self.n_experts % comm.size:
+            raise ValueError(f"{self.name}: n_experts={self.n_experts} is not divisible by the {comm.size} ranks "
+                             "of comm; expert parallelism gives every rank E/P experts (choose P dividing E)")
+        per_rank = self.n_experts // comm.size
+        self.comm, self.expert_range = comm, range(comm.rank * per_rank, (comm.rank + 1) * per_rank)
+        experts = self.experts
+        for name, parameter in list(experts._parameters.items()):
+            local = parameter.xp.ascontiguousarray(parameter.data[self.expert_range.start:self.expert_range.stop])
+            setattr(experts, name, Parameter(local.copy()))
+        experts.n_experts = per_rank
+        self.exchange_stats = ExchangeStats()
+
+    def reset_exchange_stats(self) -> None:
+        self.exchange_stats = ExchangeStats()
+
+    def forward(self, x):
+        require_tensor(x, "x", self.name)
+        if x.ndim < 1 or x.shape[-1] != self.d_model:
+            raise ValueError(f"{self.name}: x must have last dimension d_model={self.d_model}, got shape {x.shape}")
+        if x.dtype != self.experts.w1.dtype or x.device != self.experts.w1.device:
+            raise TypeError(f"{self.name}: x is {x.dtype.name} on {x.device!r} but the layer is "
+                            f"{self.experts.w1.dtype.name} on {self.experts.w1.device!r}")
+        rows = x.reshape(-1, self.d_model)  # zero tokens on a rank is allowed: it still joins every collective
+        comm, router, xp = self.comm, self.router, rows.xp
+
+        noise_state = router.generator.bit_generator.state if router.kind == "noisy" else None
+        rate, router.bias_update_rate = router.bias_update_rate, None  # the update must see the global load
+        try:
+            routing = router(rows, layer_name=self.name)
+        finally:
+            router.bias_update_rate = rate
+        requested = to_numpy(routing.requested_per_expert).astype(np.int64)
+        global_requested = comm.allreduce_sum(requested)
+        fraction = global_requested / max(int(global_requested.sum()), 1)
+        aux_loss = LoadBalanceLoss.apply(routing.probs, xp.asarray(fraction.astype(routing.probs.dtype)))
+        if self.training and router.kind == "sigmoid":
+            router.last_load = global_requested
+            if rate is not None:
+                router.update_bias()
+
+        plan = routing_plan_unchecked(routing.expert_ids, self.n_experts, routing.capacity, routing.valid)
+        dispatched = gather_rows_unchecked(rows, plan.row_token, token_rows=plan.assignment_row)
+        exchange = plan_expert_exchange(plan.kept_per_expert, comm)
+        meter = self.exchange_stats
+        meter.rows_sent += int(exchange.send_counts.sum())
+        meter.rows_received += exchange.n_received
+        received = MeteredExchangeRows.apply(dispatched, exchange.send_counts, exchange.recv_counts, comm, meter)
+        order, inverse = xp.asarray(exchange.order), xp.asarray(exchange.inverse)
+        expert_major = gather_rows_unchecked(received, order, token_rows=inverse[:, None])
+        expert_out = self.experts(expert_major, exchange.expert_offsets)
+        source_major = gather_rows_unchecked(expert_out, inverse, token_rows=order[:, None])
+        returned = MeteredExchangeRows.apply(source_major, exchange.recv_counts, exchange.send_counts, comm, meter)
+        out = combine_rows_unchecked(returned, plan.assignment_row, routing.weights, row_assignment=plan.row_assignment)
+        if self.n_shared_experts:
+            out = out + self.shared(rows)
+
+        importance = load = None
+        if router.kind == "noisy":
+            importance, load = self._global_noisy_losses(rows, routing, noise_state)
+        self._losses = (aux_loss, routing.z_loss, importance, load)  # what MoE's loss properties read
+        self.stats = MoEStats(routing.probs.data, routing.requested_per_expert, routing.valid,
+                              plan.kept_per_expert, plan.n_tokens, plan.dropped_fraction)
+        self.global_requested_per_expert = global_requested
+        return out.reshape(*x.shape)
+
+    def _global_noisy_losses(self, rows, routing, noise_state):
+        """Importance and load losses (Shazeer et al. 2017) of the global batch: their inputs all-gathered.
+
+        The router does not return its noise, so it is drawn again from the generator state it started from,
+        exactly as Router.forward draws it (jitter first, then the (T, E) normal noise, training mode only)."""
+        router, comm, xp = self.router, self.comm, rows.xp
+        replay = np.random.Generator(type(router.generator.bit_generator)())
+        replay.bit_generator.state = noise_state
+        routed_input = rows.astype(router.weight.dtype)
+        if self.training and router.jitter > 0:
+            jitter = uniform(replay, routed_input.shape, xp, routed_input.dtype, 1 - router.jitter, 1 + router.jitter)
+            routed_input = routed_input * Tensor(jitter)
+        noise_logits = linear(routed_input, router.noise_weight)
+        shape = tuple(routing.logits.shape)
+        noise = standard_normal(replay, shape, xp, routing.logits.dtype) if self.training else xp.zeros(shape, routing.logits.dtype)
+        weights = AllGatherRows.apply(routing.weights, comm)
+        expert_ids = comm.allgather_rows(xp.ascontiguousarray(routing.expert_ids))
+        importance = ImportanceLoss.apply(weights, expert_ids, self.n_experts)
+        load = NoisyLoadLoss.apply(AllGatherRows.apply(routing.logits, comm), AllGatherRows.apply(noise_logits, comm),
+                                   comm.allgather_rows(noise), self.top_k)
+        return importance, load
+
+    def extra_repr(self):
+        return f"{super().extra_repr()}, experts {self.expert_range.start}..{self.expert_range.stop - 1} of " \
+               f"{self.n_experts} on rank {self.comm.rank}/{self.comm.size}"
+
+
+def expert_parallel(model: Module, comm: Communicator) -> Module:
+    """Replace every MoE layer inside `model` (in place) by its ExpertParallelMoE over `comm`; returns model.
+
+    Build the model the same way on every rank (same seed) first, and the optimizer after this call: the
+    expert parameters are new (sliced) Parameter objects. A model that is itself an MoE is returned converted."""
+    if isinstance(model, MoE) and not isinstance(model, ExpertParallelMoE):
+        return ExpertParallelMoE.from_moe(model, comm)
+    for _, module in list(model.named_modules()):
+        for name, child in list(module._modules.items()):
+            if isinstance(child, MoE) and not isinstance(child, ExpertParallelMoE):
+                module._modules[name] = ExpertParallelMoE.from_moe(child, comm)
+    return model
