@@ -82,6 +82,7 @@ else:
     for position, (name, load) in enumerate(results.items()):
         axes.bar(np.arange(n_experts) + position * width, load / load.mean(), width, label=name)
     axes.axhline(1.0, color="grey", linestyle="--")
+    axes.set_xticks(np.arange(n_experts) + width * (len(results) - 1) / 2, [str(e) for e in range(n_experts)])
     axes.set_xlabel("expert")
     axes.set_ylabel("load / mean load")
     axes.set_title("tokens asked of each expert (last 20 steps)")

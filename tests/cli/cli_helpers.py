@@ -20,7 +20,8 @@ TIMING_FIELDS = {"tokens_per_second"}
 
 
 def environment(**extra):
-    env = dict(os.environ, TINYMOE_KERNELS="numpy", MPLBACKEND="Agg", PYTHONIOENCODING="utf-8", **extra)
+    env = dict(os.environ, TINYMOE_KERNELS="numpy", MPLBACKEND="Agg", PYTHONIOENCODING="utf-8")
+    env.update(extra)
     env.pop("TINYMOE_DEBUG", None)
     return env
 

@@ -60,13 +60,48 @@ ARGPARSE_ERRORS = {
     "steps not a number": ["train", "--steps", "many"],
     "unknown matmul precision": ["train", "--matmul-precision", "fast"],
     "sample length 0": ["sample", "--checkpoint", "run", "--length", "0"],
-    "sample temperature 0": ["sample", "--checkpoint", "run", "--temperature", "0"],
+    "sample temperature -1": ["sample", "--checkpoint", "run", "--temperature", "-1"],
+    "sample seed -1": ["sample", "--seed", "-1"],
+    "lr inf": ["train", "--lr", "inf"],
+    "lr 1e30": ["train", "--lr", "1e30"],
+    "lr nan": ["train", "--lr", "nan"],
+    "lr 0": ["train", "--lr", "0"],
+    "warmup -1": ["train", "--warmup", "-1"],
+    "dropout 1": ["train", "--dropout", "1"],
+    "seed -1": ["train", "--seed", "-1"],
+    "weight decay inf": ["train", "--weight-decay", "inf"],
+    "checkpoint every -1": ["train", "--checkpoint-every", "-1"],
+    "resume and overwrite": ["train", "--resume", "--overwrite"],
+    "abbreviated flag": ["train", "--res"],  # exact names only: the printed resume command is built from them
 }
 
 
 @pytest.mark.parametrize("args", ARGPARSE_ERRORS.values(), ids=ARGPARSE_ERRORS.keys())
 def test_argument_errors_are_one_line(tmp_path, args):
-    assert_one_line_error(tinymoe(*args, cwd=tmp_path))
+    result = tinymoe(*args, cwd=tmp_path)
+    assert_one_line_error(result)
+    assert result.returncode == 2
+    flag = [arg for arg in args if arg.startswith("--")][-1]
+    if flag != "--res":
+        assert f"argument {flag}" in result.stderr, result.stderr
+
+
+USAGE_ERRORS = {
+    "min-lr above lr": (["--lr", "0.001", "--min-lr", "0.01"], "--min-lr 0.01 is above --lr 0.001"),
+    "no moe layers": (["--moe-layers", ""], "--moe-layers ''"),
+    "only commas": (["--moe-layers", ","], "--moe-layers ','"),
+    "bad TINYMOE_KERNELS": ([], "TINYMOE_KERNELS='fast'"),
+}
+
+
+@pytest.mark.parametrize("flags, fragment", USAGE_ERRORS.values(), ids=USAGE_ERRORS.keys())
+def test_contradicting_train_options_are_usage_errors(workdir, tmp_path, flags, fragment):
+    extra = {"TINYMOE_KERNELS": "fast"} if not flags else {}
+    result = tinymoe("train", "--data", workdir / "data.txt", "--steps", "2", "--out", tmp_path / "run", *TINY, *flags,
+                     cwd=tmp_path, **extra)
+    assert_one_line_error(result, fragment)
+    assert result.returncode == 2
+    assert not (tmp_path / "run").exists() or not list((tmp_path / "run").iterdir())
 
 
 def test_argument_errors_name_the_argument_and_exit_2(tmp_path):

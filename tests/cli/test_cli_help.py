@@ -43,7 +43,7 @@ def test_every_option_has_help_and_shows_its_default_at_most_once(capsys, monkey
     for flag, text in entries.items():
         assert text, f"{command} {flag} has no help"
         assert text.count("default") <= 1, f"{command} {flag}: {text}"
-        if flag not in ("-h", "--checkpoint"):  # --checkpoint is required: it has no default
+        if flag != "-h":
             assert text.count("(default: ") == 1, f"{command} {flag} does not show its default: {text}"
 
 

@@ -76,3 +76,23 @@ def test_plots_with_one_evaluation_and_with_dense_layers_only(tmp_path):
     for path in written:
         with open(path, "rb") as handle:
             assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_loss_plot_keeps_the_unigram_baseline_inside_the_frame(tmp_path, monkeypatch):
+    matplotlib = pytest.importorskip("matplotlib")
+    from matplotlib.axes import Axes
+
+    from tinymoe.train.plots import plot_run
+
+    limits, real_set_ylim = [], Axes.set_ylim
+
+    def spy(self, *args, **kwargs):
+        limits.append(args)
+        return real_set_ylim(self, *args, **kwargs)
+
+    monkeypatch.setattr(Axes, "set_ylim", spy)
+    rows = [{"step": s, "train_loss": 3.0 / s, "val_loss": 3.1 / s, "tokens_per_expert": []} for s in (1, 2, 3)]
+    plot_run(rows, {"unigram_loss": 3.2}, tmp_path)
+    bottom, top = [args for args in limits if len(args) == 2][-1]  # the call plot_run makes (matplotlib makes others)
+    assert bottom < 1.0 and top > 3.2 + 0.1  # room above the baseline for its label
+    assert matplotlib.get_backend().lower() == "agg"

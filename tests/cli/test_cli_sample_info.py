@@ -45,6 +45,23 @@ def test_sample_is_deterministic_and_top_k_1_is_greedy(trained):
     assert greedy[0] == greedy[1]
 
 
+def test_sample_defaults_to_the_directory_train_writes(trained, tmp_path):
+    shutil.copytree(trained[0], tmp_path / "runs" / "tinymoe")
+    result = tinymoe("sample", "--length", "7", cwd=tmp_path)
+    assert_ok(result)
+    assert len(result.stdout[:-1]) == 7
+
+
+def test_sample_temperature_0_is_greedy(trained):
+    out, _ = trained
+    base = ["sample", "--checkpoint", out, "--prompt", "the ", "--length", "12", "--temperature", "0"]
+    greedy = [tinymoe(*base, "--seed", seed, cwd=out.parent) for seed in ("1", "2")]
+    assert_ok(greedy[0])
+    assert greedy[0].stdout == greedy[1].stdout  # no randomness left
+    top_1 = tinymoe("sample", "--checkpoint", out, "--prompt", "the ", "--length", "12", "--top-k", "1", cwd=out.parent)
+    assert greedy[0].stdout == top_1.stdout  # the most likely character each time
+
+
 # ----- info and gradcheck ------------------------------------------------------------------------------------
 def test_info_prints_versions_devices_and_kernels(tmp_path):
     result = tinymoe("info", cwd=tmp_path)
@@ -57,6 +74,19 @@ def test_info_prints_versions_devices_and_kernels(tmp_path):
     assert "unavailable" in rows["cuda"] or "device" in rows["cuda"]
     assert "numpy" in rows["kernels (cpu)"] and "chosen numpy" in rows["kernels (cpu)"]  # TINYMOE_KERNELS=numpy
     assert "numpy" in rows["kernel choice"]
+
+
+def test_info_reports_a_bad_tinymoe_kernels_and_the_openmp_policy(tmp_path):
+    result = tinymoe("info", cwd=tmp_path, TINYMOE_KERNELS="fastest")
+    assert_ok(result)
+    (row,) = [line for line in result.stdout.splitlines() if line.startswith("kernel choice")]
+    assert "TINYMOE_KERNELS='fastest' is not a kernel implementation" in row
+    env = environment(TINYMOE_KERNELS="numpy")
+    env.pop("OMP_WAIT_POLICY", None)
+    plain = subprocess.run([sys.executable, "-m", "tinymoe", "info"], cwd=tmp_path, env=env, capture_output=True,
+                           text=True, timeout=60)
+    (row,) = [line for line in plain.stdout.splitlines() if line.startswith("OMP_WAIT_POLICY")]
+    assert "PASSIVE (set by the tinymoe command" in row
 
 
 def test_gradcheck_passes_every_case_and_prints_a_table(tmp_path):

@@ -3,6 +3,9 @@ the MoE options reaching the checkpoint's config, resume (also after a real Ctrl
 import json
 import math
 import os
+import re
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,7 +16,7 @@ import pytest
 from tinymoe.train.checkpoint import load_checkpoint
 from tinymoe.train.data import CharData
 
-from cli_helpers import (METRIC_FIELDS, SUMMARY_FIELDS, TEXT, TINY, assert_ok, environment,
+from cli_helpers import (METRIC_FIELDS, SUMMARY_FIELDS, TEXT, TINY, assert_ok, assert_one_line_error, environment,
                          read_metrics, tinymoe, without_timing)
 
 
@@ -126,10 +129,23 @@ def test_moe_options_reach_the_model_config(workdir, tmp_path, flags, expected):
     assert all(len(layer) == config["n_experts"] for layer in row["tokens_per_expert"])
 
 
-def test_fresh_run_starts_a_fresh_metrics_log(workdir, tmp_path):
-    for _ in range(2):
-        assert_ok(tinymoe("train", "--data", workdir / "data.txt", "--steps", "2", "--out", "run", *TINY, cwd=tmp_path))
-    assert [row["step"] for row in read_metrics(tmp_path / "run")] == [2]
+def test_train_refuses_an_out_dir_holding_a_run_unless_overwrite(trained, tmp_path):
+    shutil.copytree(trained[0], tmp_path / "run")
+    (tmp_path / "data.txt").write_text(TEXT, encoding="utf-8")
+    before = (tmp_path / "run" / "checkpoint.npz").read_bytes()
+    common = ["train", "--data", "data.txt", "--steps", "2", "--out", "run", *TINY]
+    refused = tinymoe(*common, cwd=tmp_path)
+    assert_one_line_error(refused, "already holds a training run", "step 4", "--resume", "--overwrite")
+    assert refused.returncode == 2
+    assert (tmp_path / "run" / "checkpoint.npz").read_bytes() == before  # saved progress untouched
+    (tmp_path / "run" / "checkpoint.npz").unlink()  # a metrics log alone is a run too
+    assert_one_line_error(tinymoe(*common, cwd=tmp_path), "metrics.jsonl")
+    assert_ok(tinymoe(*common, "--overwrite", cwd=tmp_path))
+    assert [row["step"] for row in read_metrics(tmp_path / "run")] == [2]  # a fresh log
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.npz").meta["step"] == 2
+    both = tinymoe(*common, "--overwrite", "--resume", cwd=tmp_path)
+    assert_one_line_error(both, "--resume", "--overwrite")
+    assert both.returncode == 2
 
 
 # ----- resume ------------------------------------------------------------------------------------------------
@@ -144,17 +160,20 @@ def test_resume_continues_from_the_checkpoint_step(workdir, tmp_path):
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 6
 
 
-def test_ctrl_c_then_resume_reproduces_the_uninterrupted_run(workdir, tmp_path):
-    args = ["train", "--data", str(workdir / "data.txt"), "--steps", "80", "--warmup", "3", "--dropout", "0.1",
-            "--jitter", "0.1", *TINY]
-    straight = tinymoe(*args, "--out", "straight", cwd=tmp_path)
+def test_ctrl_c_saves_the_step_reached_and_the_printed_command_resumes_exactly(workdir, tmp_path):
+    """SIGINT right after the first progress line: the checkpoint holds the step the message reports (between
+    two evaluations, so the open metrics window is saved too), and running the printed command gives bitwise
+    the weights and metrics of the uninterrupted run."""
+    args = ["--data", str(workdir / "data.txt"), "--steps", "150", "--warmup", "3", "--dropout", "0.1",
+            "--jitter", "0.1", *TINY, "--eval-every", "7", "--dtype", "float64"]
+    straight = tinymoe("train", *args, "--out", "straight", cwd=tmp_path)
     assert_ok(straight)
 
-    process = subprocess.Popen([sys.executable, "-m", "tinymoe", *args, "--out", "resumed"], cwd=tmp_path,
+    process = subprocess.Popen([sys.executable, "-m", "tinymoe", "train", *args, "--out", "resumed"], cwd=tmp_path,
                                env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         for line in process.stdout:
-            if line.startswith("eval at step 4"):
+            if line.startswith("step "):
                 process.send_signal(signal.SIGINT)
                 break
         _, stderr = process.communicate(timeout=60)
@@ -162,14 +181,21 @@ def test_ctrl_c_then_resume_reproduces_the_uninterrupted_run(workdir, tmp_path):
         if process.poll() is None:
             process.kill()
     assert process.returncode == 130, stderr
-    assert stderr.strip() == "tinymoe: interrupted"
-    interrupted_rows = read_metrics(tmp_path / "resumed")
-    assert interrupted_rows[-1]["step"] < 80
+    assert "Traceback" not in stderr and len(stderr.splitlines()) == 1, stderr
+    match = re.fullmatch(r"tinymoe train: interrupted: saved step (\d+) in (\S+); resume with: (.+)", stderr.strip())
+    assert match, stderr
+    step, path, command = int(match.group(1)), match.group(2), shlex.split(match.group(3))
+    assert 1 <= step < 150
+    assert load_checkpoint(tmp_path / path).meta["step"] == step
+    assert command[:4] == ["tinymoe", "train", "--out", "resumed"] and command[-1] == "--resume"
+    assert command[4:-1] == args  # the user's other options, as given
 
-    resumed = tinymoe(*args, "--out", "resumed", "--resume", cwd=tmp_path)
+    resumed = tinymoe(*command[1:], cwd=tmp_path)
     assert_ok(resumed)
-    assert "resuming from step" in resumed.stdout
+    assert f"resuming from step {step}" in resumed.stdout
     assert without_timing(read_metrics(tmp_path / "resumed")) == without_timing(read_metrics(tmp_path / "straight"))
-    final = load_checkpoint(tmp_path / "resumed" / "checkpoint.npz").model_state
-    for name, value in load_checkpoint(tmp_path / "straight" / "checkpoint.npz").model_state.items():
-        np.testing.assert_array_equal(final[name], value, err_msg=name)
+    final = load_checkpoint(tmp_path / "resumed" / "checkpoint.npz")
+    expected = load_checkpoint(tmp_path / "straight" / "checkpoint.npz")
+    assert final.meta["step"] == 150
+    for name, value in expected.model_state.items():
+        np.testing.assert_array_equal(final.model_state[name], value, err_msg=name)

@@ -42,6 +42,22 @@ def positive_float(text: str) -> float:
     return value
 
 
+def learning_rate(text: str) -> float:
+    """A learning rate for AdamW: finite, > 0 and at most 1 (AdamW moves each weight by about lr per step, so
+    more than 1 only ever diverges)."""
+    value = positive_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def fraction_below_one(text: str) -> float:
+    value = non_negative_float(text)
+    if not value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
 def finite_float(text: str) -> float:
     try:
         value = float(text)

@@ -1,7 +1,7 @@
 """`tinymoe gradcheck`: run the float64 gradient checks of every op and layer here, print a table."""
 from __future__ import annotations
 
-from .arguments import add_option, check_device
+from .arguments import UsageError, add_option, check_device
 
 
 def add_parser(commands) -> None:
@@ -12,8 +12,11 @@ def add_parser(commands) -> None:
 
 
 def run_gradcheck(args) -> int:
+    from .. import kernels
     from ..selfcheck import run_all
 
+    if kernels.environment_problem():
+        raise UsageError(kernels.environment_problem())
     check_device(args.device)
     results = run_all(args.device)
     width = max(len(result.name) for result in results)

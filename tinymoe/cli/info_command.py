@@ -4,6 +4,8 @@ from __future__ import annotations
 import importlib
 import platform
 
+from .environment import omp_wait_policy
+
 
 def add_parser(commands) -> None:
     parser = commands.add_parser("info", help="versions, devices and kernels", description=__doc__)
@@ -32,11 +34,15 @@ def run_info(args) -> int:
     except BackendUnavailableError as error:
         cuda = f"unavailable: {error}"
     rows += [("cpu", f"{platform.machine()}, {platform.processor() or platform.system()}"), ("cuda", cuda)]
+    problem = kernels.environment_problem()
     for device in ("cpu", "cuda"):
         available = kernels.available(device) if device == "cpu" or not cuda.startswith("unavailable") else []
         if available:
-            rows.append((f"kernels ({device})", f"available {', '.join(available)}; chosen {kernels.chosen(device)}"))
-    rows.append(("kernel choice", f"{kernels.current()} (TINYMOE_KERNELS or tinymoe.kernels.use)"))
+            chosen = "none: TINYMOE_KERNELS is invalid" if problem else kernels.chosen(device)
+            rows.append((f"kernels ({device})", f"available {', '.join(available)}; chosen {chosen}"))
+    rows.append(("kernel choice", f"problem: {problem}" if problem else
+                 f"{kernels.current()} (TINYMOE_KERNELS or tinymoe.kernels.use)"))
+    rows.append(("OMP_WAIT_POLICY", omp_wait_policy()))
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}")

@@ -2,70 +2,59 @@
 checkpoints, resume, plots.
 
 Files written to the output directory:
-    checkpoint.npz  weights, optimizer, configs, step, RNG states (written at every evaluation)
+    checkpoint.npz  weights, optimizer, configs, step, RNG states and the open metrics window; written at every
+                    evaluation, every `checkpoint_every` steps (None: when `checkpoint_seconds` have passed since
+                    the last save, checked between steps), and when the run is interrupted (Ctrl-C)
     metrics.jsonl   one JSON object per evaluation
     summary.json    final val_loss, unigram_loss, steps, seconds, device, ...
     loss.png, expert_load.png   when matplotlib is installed
+
+A checkpoint is only ever written between two steps, with finite weights: an interrupted run, a diverged run
+and a full disk all leave the last good checkpoint in place.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import numpy as np
 
+from .. import kernels
 from ..engine.autograd import no_grad
-from ..engine.backend import normalize_device
 from ..io.atomic import atomic_write
 from ..models import MoETransformer, TransformerConfig
 from ..optim import AdamW, WarmupCosine, clip_grad_norm
-from .checkpoint import (check_same_config, generator_states, load_checkpoint, restore_generator_states,
-                         save_checkpoint)
+from .checkpoint import (RESUME_KEYS, CheckpointError, check_same_config, generator_states, load_checkpoint,
+                         remove_stale_temporaries, restore_training_state, save_checkpoint)
 from .data import CharData
+from .interrupt import DeferredInterrupt, TrainingInterrupted
+from .metrics_log import METRICS_NAME, append_metrics, read_metrics, rewrite_metrics
 from .plots import plot_run
 from .progress import Progress
+from .train_config import MAY_CHANGE_ON_RESUME, TrainConfig, train_config_differences  # noqa: F401
 
 CHECKPOINT_NAME = "checkpoint.npz"
+class DivergenceError(FloatingPointError):
+    """The loss or the weights became NaN or infinite; the last good checkpoint was kept."""
 
 
-@dataclass
-class TrainConfig:
-    steps: int = 600
-    batch_size: int = 16
-    seq_len: int = 64
-    lr: float = 3e-3
-    min_lr: float = 3e-4
-    warmup_steps: int = 30
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
-    eval_every: int = 50
-    eval_batches: int = 8
-    seed: int = 0
-    device: str = "cpu"
+class OutputError(OSError):
+    """A file of the run could not be written (disk full, read-only directory); the message names it (errno
+    and filename are those of the OSError behind it)."""
 
-    def __post_init__(self):
-        for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r} must be a positive integer")
-        if not (self.lr > 0 and 0 <= self.min_lr <= self.lr):
-            raise ValueError(f"need lr > 0 and 0 <= min_lr <= lr (got lr={self.lr}, min_lr={self.min_lr})")
-        for name, value, ok in (("warmup_steps", self.warmup_steps, self.warmup_steps >= 0),
-                                ("weight_decay", self.weight_decay, self.weight_decay >= 0),
-                                ("grad_clip", self.grad_clip, self.grad_clip > 0)):
-            if not ok:
-                raise ValueError(f"{name}={value!r} must be {'> 0' if name == 'grad_clip' else '>= 0'}")
-        self.device = normalize_device(self.device)
+    def __str__(self):
+        return self.message
 
 
 class Trainer:
     def __init__(self, model_config: TransformerConfig, train_config: TrainConfig, data: CharData, out_dir,
-                 stream=None):
+                 stream=None, warning_stream=None):
         self.model_config, self.config, self.data, self.out_dir = model_config, train_config, data, out_dir
-        self.stream = stream
+        self.stream, self.warning_stream = stream, warning_stream
         if model_config.vocab_size != len(data.vocab):
             raise ValueError(f"model vocab_size={model_config.vocab_size} but the data has {len(data.vocab)} symbols")
         if train_config.seq_len > model_config.max_seq_len:
@@ -81,38 +70,105 @@ class Trainer:
         self.val_batches = [data.batch(validation_generator, "val", train_config.batch_size, train_config.seq_len)
                             for _ in range(train_config.eval_batches)]
         self.step, self.seconds, self.metrics = 0, 0.0, []
+        self.window = self._empty_window()
+        self.saved_step, self._last_save = None, time.monotonic()  # the step checkpoint.npz holds (None: none)
 
     @property
     def checkpoint_path(self):
         return os.path.join(self.out_dir, CHECKPOINT_NAME)
 
+    @property
+    def metrics_path(self):
+        return os.path.join(self.out_dir, METRICS_NAME)
+
+    def _warn(self, text: str) -> None:
+        stream = self.warning_stream or sys.stderr
+        stream.write(f"warning: {text}\n")
+        stream.flush()
+
     # ----- checkpoints -------------------------------------------------------------------------------
     def save(self) -> None:
+        """Write checkpoint.npz atomically; DivergenceError (nothing written) if a weight is not finite,
+        OutputError naming the file if it cannot be written (the previous checkpoint stays)."""
+        model_state = self.model.state_dict()
+        broken = [name for name, value in model_state.items()
+                  if np.asarray(value).dtype.kind == "f" and not np.isfinite(value).all()]
+        if broken:
+            raise self._diverged(f"the weights became non-finite ({', '.join(broken[:3])}) at step {self.step}")
         meta = {
             "model_config": self.model_config.to_dict(), "train_config": asdict(self.config), "step": self.step,
             "seconds": self.seconds, "vocab": self.data.vocab, "schedule": self.schedule.state_dict(),
             "generators": generator_states(self.model),
             "batch_generator": self.batch_generator.bit_generator.state,
+            "window": {key: ([c.tolist() for c in value] if key == "counts" else value)
+                       for key, value in self.window.items()},
         }
-        save_checkpoint(self.checkpoint_path, self.model.state_dict(), self.optimizer.state_dict(), meta)
+        try:
+            save_checkpoint(self.checkpoint_path, model_state, self.optimizer.state_dict(), meta)
+        except OSError as error:
+            raise self._output_error(self.checkpoint_path, error) from None
+        self.saved_step, self._last_save = self.step, time.monotonic()
 
     def resume(self) -> None:
-        """Continue from the checkpoint in out_dir: weights, optimizer, schedule, step, RNG states, metrics."""
-        checkpoint = load_checkpoint(self.checkpoint_path)
-        checkpoint.meta["model_config"] = _current_form(checkpoint.meta.get("model_config", {}))
-        check_same_config(checkpoint, self.model_config.to_dict(), self.checkpoint_path)
+        """Continue from the checkpoint in out_dir: weights, optimizer, schedule, step, RNG states, metrics.
+
+        CheckpointError when the checkpoint is missing or damaged, or was made with another model config,
+        another vocabulary or other training settings (all but MAY_CHANGE_ON_RESUME must match)."""
+        path = self.checkpoint_path
+        checkpoint = load_checkpoint(path, required=RESUME_KEYS)
         meta = checkpoint.meta
+        meta["model_config"] = _current_form(meta["model_config"])
+        check_same_config(checkpoint, self.model_config.to_dict(), path)
         if meta["vocab"] != self.data.vocab:
-            raise ValueError(f"{self.checkpoint_path} was trained on another vocabulary; use the same --data")
-        self.model.load_state_dict(checkpoint.model_state)
-        self.optimizer.load_state_dict(checkpoint.optimizer_state)
-        self.schedule.load_state_dict(meta["schedule"])
-        restore_generator_states(self.model, meta["generators"])
-        self.batch_generator.bit_generator.state = meta["batch_generator"]
-        self.step, self.seconds = int(meta["step"]), float(meta["seconds"])
-        self.metrics = [row for row in _read_metrics(self.out_dir) if row["step"] <= self.step]
-        with atomic_write(os.path.join(self.out_dir, "metrics.jsonl"), "w") as handle:
-            handle.writelines(json.dumps(row) + "\n" for row in self.metrics)  # drop rows past the checkpoint
+            raise CheckpointError(f"{path} was trained on another vocabulary ({len(meta['vocab'])} symbols, this "
+                                  f"data has {len(self.data.vocab)}); use the same --data")
+        differences = train_config_differences(meta["train_config"], self.config)
+        if differences:
+            raise CheckpointError(f"{path} was trained with other settings, which cannot change on resume: "
+                                  + "; ".join(f"{name}: checkpoint {saved!r} vs given {given!r}"
+                                              for name, saved, given in differences))
+        window = self._window_from(meta.get("window"), path)
+        restore_training_state(checkpoint, path, self.model, self.optimizer, self.schedule, self.batch_generator)
+        self.step, self.seconds, self.window = int(meta["step"]), float(meta["seconds"]), window
+        self.saved_step = self.step
+        self.metrics = read_metrics(self.metrics_path, up_to_step=self.step, warn=self._warn)
+        try:  # drop rows past the checkpoint and a torn last line
+            rewrite_metrics(self.metrics_path, self.metrics)
+        except OSError as error:
+            raise self._output_error(self.metrics_path, error) from None
+
+    def _empty_window(self) -> dict:
+        """What the next evaluation row averages: per-step losses, tokens and time, per-layer expert counts."""
+        n_experts = [layer.n_experts for layer in self.model.moe_layers()]
+        return {"loss": [], "aux": [], "z": [], "tokens": 0, "seconds": 0.0,
+                "counts": [np.zeros(n, dtype=np.int64) for n in n_experts], "dropped": [[] for _ in n_experts]}
+
+    def _window_from(self, saved, path) -> dict:
+        window = self._empty_window()
+        if saved is None:  # checkpoints of earlier releases were written at evaluations only: an empty window
+            return window
+        try:
+            counts = [np.array(c, dtype=np.int64) for c in saved["counts"]]
+            if [c.shape for c in counts] != [c.shape for c in window["counts"]]:
+                raise ValueError(f"expert counts of shapes {[c.shape for c in counts]}")
+            window.update({key: [float(v) for v in saved[key]] for key in ("loss", "aux", "z")},
+                          tokens=int(saved["tokens"]), seconds=float(saved["seconds"]), counts=counts,
+                          dropped=[[float(v) for v in layer] for layer in saved["dropped"]])
+        except (KeyError, TypeError, ValueError) as error:
+            raise CheckpointError(f"{path} has damaged metadata: window {error}") from None
+        return window
+
+    def _diverged(self, what: str) -> DivergenceError:
+        kept = (f"the last good checkpoint, {self.checkpoint_path} at step {self.saved_step}, is kept"
+                if self.saved_step is not None else "no checkpoint was written")
+        return DivergenceError(f"training diverged: {what}; {kept}; try a lower --lr (this run: {self.config.lr:g})")
+
+    def _output_error(self, path, error: OSError) -> OutputError:
+        kept = (f"the last good checkpoint (step {self.saved_step}) is unchanged" if self.saved_step is not None
+                else "no checkpoint was written")
+        failure = OutputError(error.errno, error.strerror, path)
+        failure.message = f"cannot write {path}: {error.strerror or error}; {kept}"
+        return failure
 
     # ----- the loop ----------------------------------------------------------------------------------
     def evaluate(self) -> float:
@@ -123,54 +179,94 @@ class Trainer:
         return float(np.mean(losses))
 
     def run(self) -> dict:
+        """Train to config.steps, then finish(). A Ctrl-C is acted on between two steps: the checkpoint is
+        saved at the step reached and TrainingInterrupted raised (a second Ctrl-C stops at once, keeping the
+        last checkpoint)."""
         config, model = self.config, self.model
         progress = Progress(config.steps, self.stream, start_step=self.step)
-        window = {"loss": [], "aux": [], "z": [], "tokens": 0, "seconds": 0.0}
-        layer_counts = [np.zeros(layer.n_experts, dtype=np.int64) for layer in model.moe_layers()]
-        layer_dropped = [[] for _ in layer_counts]
+        for name in (CHECKPOINT_NAME, METRICS_NAME, "summary.json"):
+            removed = remove_stale_temporaries(self.out_dir, name=name)
+            if removed:
+                progress.message(f"removed {len(removed)} stale temporary file(s) of an interrupted save: "
+                                 + ", ".join(os.path.basename(path) for path in removed))
+        global _FIRST_STEP_OF_PROCESS
+        if _FIRST_STEP_OF_PROCESS and self.step < config.steps and kernels.chosen(config.device) == "numba":
+            progress.message("compiling kernels (first run only)...")
         model.train()
-        while self.step < config.steps:
-            started = time.perf_counter()
-            inputs, targets = self.data.batch(self.batch_generator, "train", config.batch_size, config.seq_len)
-            total, parts = model.loss(inputs, targets)
-            if not math.isfinite(parts["total"]):
-                raise FloatingPointError(f"the loss became {parts['total']} at step {self.step + 1}; "
-                                         "lower --lr or raise --grad-clip")
-            self.optimizer.zero_grad()
-            total.backward()
-            clip_grad_norm(self.optimizer.parameters(), config.grad_clip)
-            self.optimizer.step()
-            self.schedule.step()
-            self.step += 1
-            elapsed = time.perf_counter() - started
-            self.seconds += elapsed
-            for index, layer in enumerate(model.moe_layers()):  # host values of the plan: no device sync
-                layer_counts[index] += layer.stats.kept_per_expert
-                layer_dropped[index].append(layer.stats.dropped_fraction)
-            window["loss"].append(parts["cross_entropy"])
-            window["aux"].append(parts["aux"])
-            window["z"].append(parts["z"])
-            window["tokens"] += inputs.size
-            window["seconds"] += elapsed
-            tokens_per_second = inputs.size / elapsed
-            progress.update(self.step, parts["cross_entropy"], parts["aux"], tokens_per_second)
-            if self.step % config.eval_every == 0 or self.step == config.steps:
-                row = {
-                    "step": self.step, "train_loss": float(np.mean(window["loss"])), "val_loss": self.evaluate(),
-                    "aux_loss": float(np.mean(window["aux"])), "z_loss": float(np.mean(window["z"])),
-                    "tokens_per_second": window["tokens"] / max(window["seconds"], 1e-9),
-                    "tokens_per_expert": [counts.tolist() for counts in layer_counts],
-                    "dropped_fraction": [float(np.mean(d)) if d else 0.0 for d in layer_dropped],
-                    "lr": self.optimizer.lr,
-                }
-                self.metrics.append(row)
-                _append_metrics(self.out_dir, row)
-                self.save()
-                progress.message(f"eval at step {self.step}: val_loss {row['val_loss']:.4f}")
-                window = {"loss": [], "aux": [], "z": [], "tokens": 0, "seconds": 0.0}
-                layer_counts = [np.zeros_like(counts) for counts in layer_counts]
-                layer_dropped = [[] for _ in layer_dropped]
+        at_boundary = True  # between two steps: the whole state is that of step `self.step`
+        with DeferredInterrupt() as interrupt:
+            try:
+                while self.step < config.steps:
+                    if interrupt.requested:
+                        raise KeyboardInterrupt
+                    at_boundary = False
+                    self._train_step(progress)
+                    _FIRST_STEP_OF_PROCESS = False
+                    evaluated = self.step % config.eval_every == 0 or self.step == config.steps
+                    if evaluated:
+                        self._evaluate_and_log(progress)
+                    elif self._checkpoint_due():
+                        self.save()
+                    at_boundary = True
+            except KeyboardInterrupt:
+                saved_now = at_boundary and self.step > 0 and self.saved_step != self.step
+                if saved_now:
+                    self.save()
+                raise TrainingInterrupted(self.saved_step or 0, self.checkpoint_path if self.saved_step is not None
+                                          else None, saved_now) from None
         return self.finish()
+
+    def _train_step(self, progress) -> None:
+        config, model, window = self.config, self.model, self.window
+        started = time.perf_counter()
+        inputs, targets = self.data.batch(self.batch_generator, "train", config.batch_size, config.seq_len)
+        total, parts = model.loss(inputs, targets)
+        if not math.isfinite(parts["total"]):
+            raise self._diverged(f"the loss became {parts['total']} at step {self.step + 1}")
+        self.optimizer.zero_grad()
+        total.backward()
+        clip_grad_norm(self.optimizer.parameters(), config.grad_clip)
+        self.optimizer.step()
+        self.schedule.step()
+        self.step += 1
+        elapsed = time.perf_counter() - started
+        self.seconds += elapsed
+        for index, layer in enumerate(model.moe_layers()):  # host values of the plan: no device sync
+            window["counts"][index] += layer.stats.kept_per_expert
+            window["dropped"][index].append(float(layer.stats.dropped_fraction))
+        for key in ("loss", "aux", "z"):
+            window[key].append(float(parts["cross_entropy" if key == "loss" else key]))
+        window["tokens"] += int(inputs.size)
+        window["seconds"] += elapsed
+        progress.update(self.step, parts["cross_entropy"], parts["aux"], inputs.size / elapsed)
+
+    def _evaluate_and_log(self, progress) -> None:
+        window = self.window
+        val_loss = self.evaluate()
+        if not math.isfinite(val_loss):
+            raise self._diverged(f"the validation loss became {val_loss} at step {self.step}")
+        row = {
+            "step": self.step, "train_loss": float(np.mean(window["loss"])), "val_loss": val_loss,
+            "aux_loss": float(np.mean(window["aux"])), "z_loss": float(np.mean(window["z"])),
+            "tokens_per_second": window["tokens"] / max(window["seconds"], 1e-9),
+            "tokens_per_expert": [counts.tolist() for counts in window["counts"]],
+            "dropped_fraction": [float(np.mean(d)) if d else 0.0 for d in window["dropped"]],
+            "lr": self.optimizer.lr,
+        }
+        try:
+            append_metrics(self.metrics_path, row)
+        except OSError as error:
+            raise self._output_error(self.metrics_path, error) from None
+        self.metrics.append(row)
+        self.window = self._empty_window()
+        self.save()
+        progress.message(f"eval at step {self.step}: val_loss {row['val_loss']:.4f}")
+
+    def _checkpoint_due(self) -> bool:
+        every = self.config.checkpoint_every
+        if every is None:
+            return time.monotonic() - self._last_save >= self.config.checkpoint_seconds
+        return every > 0 and self.step % every == 0
 
     def finish(self) -> dict:
         final = self.metrics[-1] if self.metrics else {"val_loss": self.evaluate()}
@@ -182,9 +278,16 @@ class Trainer:
         }
         summary["improvement_over_unigram"] = 1.0 - summary["val_loss"] / summary["unigram_loss"]
         summary["plots"] = [os.path.basename(path) for path in plot_run(self.metrics, summary, self.out_dir)]
-        with atomic_write(os.path.join(self.out_dir, "summary.json"), "w") as handle:
-            json.dump(summary, handle, indent=2)
+        path = os.path.join(self.out_dir, "summary.json")
+        try:
+            with atomic_write(path, "w") as handle:
+                json.dump(summary, handle, indent=2)
+        except OSError as error:
+            raise self._output_error(path, error) from None
         return summary
+
+
+_FIRST_STEP_OF_PROCESS = True  # the Numba kernels compile (or load from their cache) at the first step
 
 
 def _current_form(model_config: dict) -> dict:
@@ -193,16 +296,3 @@ def _current_form(model_config: dict) -> dict:
         return TransformerConfig.from_dict(model_config).to_dict()
     except (TypeError, ValueError):
         return model_config  # check_same_config reports how it differs
-
-
-def _append_metrics(out_dir, row) -> None:
-    with open(os.path.join(out_dir, "metrics.jsonl"), "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(row) + "\n")
-
-
-def _read_metrics(out_dir) -> list:
-    path = os.path.join(out_dir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return []
-    with open(path, encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]

@@ -28,8 +28,17 @@ def plot_run(metrics: list, summary: dict, out_dir) -> list:
     figure, axes = plt.subplots(figsize=(7, 4))
     axes.plot(steps, [row["train_loss"] for row in metrics], label="train")
     axes.plot(steps, [row["val_loss"] for row in metrics], label="validation")
+    losses = [row[key] for row in metrics for key in ("train_loss", "val_loss")]
+    top = max(losses)
     if summary.get("unigram_loss") is not None:
-        axes.axhline(summary["unigram_loss"], color="grey", linestyle="--", label="unigram baseline")
+        unigram = summary["unigram_loss"]
+        axes.axhline(unigram, color="grey", linestyle="--", label="unigram baseline")
+        axes.annotate(f"unigram baseline {unigram:.2f}", (steps[-1], unigram), xytext=(0, 4),
+                      textcoords="offset points", ha="right", va="bottom", color="grey", fontsize=8)
+        top = max(top, unigram)
+    bottom = min(losses)
+    margin = 0.08 * max(top - bottom, 1e-3)
+    axes.set_ylim(max(0.0, bottom - margin), top + 2 * margin)  # the baseline and its label inside the frame
     axes.set_xlabel("step")
     axes.set_ylabel("cross-entropy (nats/char)")
     axes.set_title("tinymoe training loss")

@@ -1,30 +1,49 @@
-"""A progress line for training: one self-rewriting line on a terminal, plain periodic lines otherwise."""
+"""A progress line for training: one self-rewriting line on a terminal, plain periodic lines otherwise.
+
+The ETA is the mean time of the recent steps (a moving window of `window` steps) times the steps left. The
+first `skip` steps of a process are left out of it: they compile kernels and warm caches (the first Numba step
+takes seconds), and would make the ETA of a short run absurd. Until a step past those has been timed, the ETA
+shows "--:--".
+"""
 from __future__ import annotations
 
+import collections
 import sys
 import time
 
 
 def _duration(seconds: float) -> str:
-    seconds = max(0, int(seconds))
-    return f"{seconds // 60}:{seconds % 60:02d}"
+    seconds = max(0, int(round(seconds)))
+    hours, minutes = divmod(seconds // 60, 60)
+    return f"{hours}:{minutes:02d}:{seconds % 60:02d}" if hours else f"{minutes}:{seconds % 60:02d}"
 
 
 class Progress:
-    def __init__(self, total_steps: int, stream=None, plain_every: int = 50, start_step: int = 0):
+    def __init__(self, total_steps: int, stream=None, plain_every: int = 50, start_step: int = 0, window: int = 20,
+                 skip: int = 2, clock=time.perf_counter):
         self.total, self.stream = total_steps, stream or sys.stdout
         self.interactive = hasattr(self.stream, "isatty") and self.stream.isatty()
         self.plain_every = max(1, plain_every)
-        self.start_time, self.start_step = time.perf_counter(), start_step
+        self.start_step, self.skip, self.clock = start_step, max(0, skip), clock
+        self.step_seconds = collections.deque(maxlen=max(1, window))
+        self._last_time = clock()
+
+    def eta(self, step: int):
+        """Seconds left after `step`, from the recent step times; None while none has been timed yet."""
+        if not self.step_seconds:
+            return None
+        return sum(self.step_seconds) / len(self.step_seconds) * (self.total - step)
 
     def update(self, step: int, loss: float, aux: float, tokens_per_second: float) -> None:
         """Report that `step` (1-based) of `total` finished."""
-        elapsed = time.perf_counter() - self.start_time
-        done = step - self.start_step
-        eta = elapsed / done * (self.total - step) if done else 0.0
+        now = self.clock()
+        if step - self.start_step > self.skip:
+            self.step_seconds.append(now - self._last_time)
+        self._last_time = now
+        eta = self.eta(step)
         fraction = step / self.total
         text = (f"step {step:>{len(str(self.total))}}/{self.total} | loss {loss:.4f} | aux {aux:.4f} | "
-                f"{tokens_per_second:,.0f} tok/s | ETA {_duration(eta)}")
+                f"{tokens_per_second:,.0f} tok/s | ETA {'--:--' if eta is None else _duration(eta)}")
         if self.interactive:
             filled = int(24 * fraction)
             self.stream.write(f"\r[{'#' * filled}{'.' * (24 - filled)}] {text}")
