@@ -42,6 +42,10 @@ def add_parser(commands) -> None:
     add_option(run, "--checkpoint-every", metavar="N", type=non_negative_int,
                help="steps between checkpoints, besides the one at every evaluation and at Ctrl-C; 0: at "
                     "evaluations only", default_text="when 120 s have passed since the last save")
+    add_option(run, "--expert-parallel", metavar="P", type=positive_int, default=1,
+               help="split each MoE layer's experts over P MPI ranks, and every batch too: start the run with "
+                    "mpiexec -n P; P must divide --experts and --batch-size (results equal one process's, up to "
+                    "rounding; capacity and expert choice act per rank's share of the batch)")
     add_option(run, "--kernels", choices=("auto", "numpy", "numba", "cupy"), help="dispatch kernels",
                default_text="TINYMOE_KERNELS or auto")
     model = parser.add_argument_group("model")
@@ -155,13 +159,43 @@ def _configs(args, data):
     return model_config, train_config
 
 
+def _communicator(expert_parallel: int):
+    """The ranks of this job for --expert-parallel P: LocalCommunicator for P = 1 outside mpiexec, else the MPI
+    world, which must have exactly P ranks (a job of P ranks running P separate trainings would clash in --out)."""
+    from ..distributed import LocalCommunicator, launcher_world_size, world
+
+    launched = launcher_world_size()
+    if expert_parallel == 1 and launched == 1:
+        return LocalCommunicator()
+    if launched != expert_parallel:
+        raise UsageError(f"--expert-parallel {expert_parallel} needs a job of {expert_parallel} MPI ranks, but this "
+                         f"one has {launched}; start it with: mpiexec -n {expert_parallel} tinymoe train "
+                         f"--expert-parallel {expert_parallel} ...")
+    return world()
+
+
 def run_train(args) -> int:
+    from ..distributed import abort_on_error
+
+    comm = _communicator(args.expert_parallel)
+    if comm.size == 1:
+        return _run_train(args, comm)
+    with abort_on_error(comm):  # a bug on any rank: its traceback, then every rank ends (MPI_Abort)
+        try:
+            return _run_train(args, comm)
+        except (UsageError, ValueError, OSError, FloatingPointError) as error:  # the user's errors: one line
+            message = " ".join(str(error).split()) or type(error).__name__
+            comm.abort(f"tinymoe train: error: {message}", code=2 if isinstance(error, UsageError) else 1)
+
+
+def _run_train(args, comm) -> int:
     from .. import kernels, set_matmul_precision
     from ..train.corpus import generate_corpus
     from ..train.data import CharData, DataError, read_text
     from ..train.interrupt import TrainingInterrupted
     from ..train.loop import Trainer
 
+    print = _print_on_rank_zero(comm)
     if args.kernels is None and kernels.environment_problem():
         raise UsageError(kernels.environment_problem())
     check_device(args.device)
@@ -180,7 +214,7 @@ def run_train(args) -> int:
         raise UsageError(f"--out {args.out} already holds a training run ({existing}); continue it with --resume "
                          "(and the same options), or replace it with --overwrite")
     try:
-        trainer = Trainer(model_config, train_config, data, args.out)
+        trainer = Trainer(model_config, train_config, data, args.out, comm=comm if comm.size > 1 else None)
     except (ValueError, TypeError) as error:
         raise UsageError(str(error)) from None
     if args.resume:
@@ -193,12 +227,14 @@ def run_train(args) -> int:
             print(f"nothing to train: {where} = --steps {args.steps}; give a larger --steps to train further")
             return 0
         print(f"resuming from step {trainer.step} of {trainer.checkpoint_path}")
-    elif args.overwrite:
+    elif args.overwrite and comm.rank == 0:
         for name in RUN_FILES:  # the user asked for it; a fresh run also starts a fresh log
             path = os.path.join(args.out, name)
             if os.path.exists(path):
                 os.remove(path)
-    print(f"training {trainer.model.num_parameters():,} parameters on {args.device} "
+    parameters = trainer.parallel.num_parameters(trainer.model) if trainer.parallel else trainer.model.num_parameters()
+    ranks = f" x {comm.size} ranks (expert + data parallel)" if comm.size > 1 else ""
+    print(f"training {parameters:,} parameters on {args.device}{ranks} "
           f"({len(data.vocab)} symbols, {len(data.train):,} training characters)", flush=True)
     try:
         summary = trainer.run()
@@ -211,3 +247,10 @@ def run_train(args) -> int:
     written = ", ".join(["checkpoint.npz", "metrics.jsonl", "summary.json", *summary["plots"]])
     print(f"wrote {written} to {args.out}")
     return 0
+
+
+def _print_on_rank_zero(comm):
+    """print on rank 0; nothing on the other ranks (their progress is rank 0's)."""
+    import builtins
+
+    return builtins.print if comm.rank == 0 else (lambda *args, **kwargs: None)

@@ -56,7 +56,8 @@ __all__ = ["AllGatherRows", "ExchangeStats", "ExpertParallelMoE", "expert_parall
 
 
 class ExchangeStats:
-    """What one rank's exchanges moved in one training step (forward and backward of every exchange).
+    """What one rank's exchanges moved since the layer's last `reset_exchange_stats()` (forward and backward
+    of every exchange; `tinymoe.train.distributed.step_statistics` reads and resets it once per step).
 
     rows_sent, rows_received: dispatched rows of the forward; bytes_sent, bytes_received: every all-to-all
     of rows (forward and backward); seconds: wall time inside those all-to-alls (includes waiting for the
@@ -177,7 +178,9 @@ class ExpertParallelMoE(MoE):
         if x.dtype != self.experts.w1.dtype or x.device != self.experts.w1.device:
             raise TypeError(f"{self.name}: x is {x.dtype.name} on {x.device!r} but the layer is "
                             f"{self.experts.w1.dtype.name} on {self.experts.w1.device!r}")
-        rows = x.reshape(-1, self.d_model)  # zero tokens on a rank is allowed: it still joins every collective
+        rows = x.reshape(-1, self.d_model)
+        if rows.shape[0] == 0:  # raised on this rank only: run it under abort_on_error, or the others wait
+            raise ValueError(f"{self.name}: x holds no tokens (shape {x.shape}) on rank {self.comm.rank}")
         comm, router, xp = self.comm, self.router, rows.xp
 
         noise_state = router.generator.bit_generator.state if router.kind == "noisy" else None
@@ -234,7 +237,8 @@ class ExpertParallelMoE(MoE):
             routed_input = routed_input * Tensor(jitter)
         noise_logits = linear(routed_input, router.noise_weight)
         shape = tuple(routing.logits.shape)
-        noise = standard_normal(replay, shape, xp, routing.logits.dtype) if self.training else xp.zeros(shape, routing.logits.dtype)
+        dtype = routing.logits.dtype
+        noise = standard_normal(replay, shape, xp, dtype) if self.training else xp.zeros(shape, dtype)
         weights = AllGatherRows.apply(routing.weights, comm)
         expert_ids = comm.allgather_rows(xp.ascontiguousarray(routing.expert_ids))
         importance = ImportanceLoss.apply(weights, expert_ids, self.n_experts)

@@ -31,6 +31,7 @@ from ..optim import AdamW, WarmupCosine, clip_grad_norm
 from .checkpoint import (RESUME_KEYS, CheckpointError, check_same_config, generator_states, load_checkpoint,
                          remove_stale_temporaries, restore_training_state, save_checkpoint)
 from .data import CharData
+from .distributed import ParallelTraining
 from .interrupt import DeferredInterrupt, TrainingInterrupted
 from .metrics_log import METRICS_NAME, append_metrics, read_metrics, rewrite_metrics
 from .plots import plot_run
@@ -52,7 +53,9 @@ class OutputError(OSError):
 
 class Trainer:
     def __init__(self, model_config: TransformerConfig, train_config: TrainConfig, data: CharData, out_dir,
-                 stream=None, warning_stream=None):
+                 stream=None, warning_stream=None, comm=None):
+        """comm: a tinymoe.distributed Communicator of P > 1 ranks for expert + data parallelism (every rank
+        builds the same Trainer; rank 0 prints and writes the files), or None for one process."""
         self.model_config, self.config, self.data, self.out_dir = model_config, train_config, data, out_dir
         self.stream, self.warning_stream = stream, warning_stream
         if model_config.vocab_size != len(data.vocab):
@@ -60,6 +63,10 @@ class Trainer:
         if train_config.seq_len > model_config.max_seq_len:
             raise ValueError(f"seq_len={train_config.seq_len} exceeds the model's max_seq_len={model_config.max_seq_len}")
         self.model = MoETransformer(model_config, device=train_config.device, seed=train_config.seed)
+        self.parallel = None if comm is None or comm.size == 1 else ParallelTraining(comm, train_config.batch_size)
+        if self.parallel:  # before the optimizer: the expert parameters become this rank's slices
+            self.parallel.prepare(self.model)
+        self.is_main = self.parallel is None or self.parallel.is_main
         decay = [p for p in self.model.parameters() if p.ndim >= 2]
         no_decay = [p for p in self.model.parameters() if p.ndim < 2]
         self.optimizer = AdamW([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}],
@@ -90,7 +97,8 @@ class Trainer:
     def save(self) -> None:
         """Write checkpoint.npz atomically; DivergenceError (nothing written) if a weight is not finite,
         OutputError naming the file if it cannot be written (the previous checkpoint stays)."""
-        model_state = self.model.state_dict()
+        model_state, optimizer_state = ((self.model.state_dict(), self.optimizer.state_dict()) if not self.parallel
+                                        else self.parallel.checkpoint_state(self.model, self.optimizer))
         broken = [name for name, value in model_state.items()
                   if np.asarray(value).dtype.kind == "f" and not np.isfinite(value).all()]
         if broken:
@@ -104,7 +112,8 @@ class Trainer:
                        for key, value in self.window.items()},
         }
         try:
-            save_checkpoint(self.checkpoint_path, model_state, self.optimizer.state_dict(), meta)
+            if self.is_main:
+                save_checkpoint(self.checkpoint_path, model_state, optimizer_state, meta)
         except OSError as error:
             raise self._output_error(self.checkpoint_path, error) from None
         self.saved_step, self._last_save = self.step, time.monotonic()
@@ -128,12 +137,15 @@ class Trainer:
                                   + "; ".join(f"{name}: checkpoint {saved!r} vs given {given!r}"
                                               for name, saved, given in differences))
         window = self._window_from(meta.get("window"), path)
+        if self.parallel:  # every rank reads the file and keeps its slice of the experts (any P dividing E)
+            checkpoint = self.parallel.localize(checkpoint, self.model, self.optimizer)
         restore_training_state(checkpoint, path, self.model, self.optimizer, self.schedule, self.batch_generator)
         self.step, self.seconds, self.window = int(meta["step"]), float(meta["seconds"]), window
         self.saved_step = self.step
         self.metrics = read_metrics(self.metrics_path, up_to_step=self.step, warn=self._warn)
         try:  # drop rows past the checkpoint and a torn last line
-            rewrite_metrics(self.metrics_path, self.metrics)
+            if self.is_main:
+                rewrite_metrics(self.metrics_path, self.metrics)
         except OSError as error:
             raise self._output_error(self.metrics_path, error) from None
 
@@ -172,6 +184,8 @@ class Trainer:
 
     # ----- the loop ----------------------------------------------------------------------------------
     def evaluate(self) -> float:
+        if self.parallel:
+            return self.parallel.evaluate(self.model, self.val_batches)
         self.model.eval()
         with no_grad():
             losses = [self.model.loss(x, y)[1]["cross_entropy"] for x, y in self.val_batches]
@@ -183,8 +197,9 @@ class Trainer:
         saved at the step reached and TrainingInterrupted raised (a second Ctrl-C stops at once, keeping the
         last checkpoint)."""
         config, model = self.config, self.model
-        progress = Progress(config.steps, self.stream, start_step=self.step)
-        for name in (CHECKPOINT_NAME, METRICS_NAME, "summary.json"):
+        stream = self.stream if not self.parallel else self.parallel.progress_stream(self.stream)
+        progress = Progress(config.steps, stream, start_step=self.step)
+        for name in (CHECKPOINT_NAME, METRICS_NAME, "summary.json") if self.is_main else ():
             removed = remove_stale_temporaries(self.out_dir, name=name)
             if removed:
                 progress.message(f"removed {len(removed)} stale temporary file(s) of an interrupted save: "
@@ -197,15 +212,15 @@ class Trainer:
         with DeferredInterrupt() as interrupt:
             try:
                 while self.step < config.steps:
-                    if interrupt.requested:
-                        raise KeyboardInterrupt
+                    if interrupt.requested if not self.parallel else self.parallel.any(interrupt.requested):
+                        raise KeyboardInterrupt  # under MPI every rank stops at the same step
                     at_boundary = False
                     self._train_step(progress)
                     _FIRST_STEP_OF_PROCESS = False
                     evaluated = self.step % config.eval_every == 0 or self.step == config.steps
                     if evaluated:
                         self._evaluate_and_log(progress)
-                    elif self._checkpoint_due():
+                    elif self._checkpoint_due():  # under MPI, rank 0's clock decides for every rank
                         self.save()
                     at_boundary = True
             except KeyboardInterrupt:
@@ -220,18 +235,30 @@ class Trainer:
         config, model, window = self.config, self.model, self.window
         started = time.perf_counter()
         inputs, targets = self.data.batch(self.batch_generator, "train", config.batch_size, config.seq_len)
-        total, parts = model.loss(inputs, targets)
-        if not math.isfinite(parts["total"]):
-            raise self._diverged(f"the loss became {parts['total']} at step {self.step + 1}")
-        self.optimizer.zero_grad()
-        total.backward()
-        clip_grad_norm(self.optimizer.parameters(), config.grad_clip)
-        self.optimizer.step()
+        if self.parallel:  # this rank's share of the batch; gradients reduced; parts averaged over ranks
+            try:
+                parts = self.parallel.step(model, self.optimizer, inputs, targets, config.grad_clip)
+            except FloatingPointError as error:
+                raise self._diverged(f"{error} at step {self.step + 1}") from None
+        else:
+            total, parts = model.loss(inputs, targets)
+            if not math.isfinite(parts["total"]):
+                raise self._diverged(f"the loss became {parts['total']} at step {self.step + 1}")
+            self.optimizer.zero_grad()
+            total.backward()
+            clip_grad_norm(self.optimizer.parameters(), config.grad_clip)
+            self.optimizer.step()
         self.schedule.step()
         self.step += 1
         elapsed = time.perf_counter() - started
         self.seconds += elapsed
-        for index, layer in enumerate(model.moe_layers()):  # host values of the plan: no device sync
+        if self.parallel:  # global counts; per-rank rows received, bytes and seconds of the all-to-alls
+            counts, dropped, exchange = self.parallel.layer_statistics(model)
+            for index in range(len(counts)):
+                window["counts"][index] += counts[index]
+                window["dropped"][index].append(float(dropped[index]))
+            self._accumulate_exchange(exchange)
+        for index, layer in enumerate(model.moe_layers() if not self.parallel else ()):  # host values: no sync
             window["counts"][index] += layer.stats.kept_per_expert
             window["dropped"][index].append(float(layer.stats.dropped_fraction))
         for key in ("loss", "aux", "z"):
@@ -239,6 +266,15 @@ class Trainer:
         window["tokens"] += int(inputs.size)
         window["seconds"] += elapsed
         progress.update(self.step, parts["cross_entropy"], parts["aux"], inputs.size / elapsed)
+
+    def _accumulate_exchange(self, exchange: dict) -> None:
+        """Sum per layer and rank, over the steps since the last evaluation, what the all-to-alls moved."""
+        window = self.window.setdefault("exchange", {})
+        for key, per_layer in exchange.items():
+            total = window.setdefault(key, [[0] * len(ranks) for ranks in per_layer])
+            for layer, ranks in enumerate(per_layer):
+                for rank, value in enumerate(ranks):
+                    total[layer][rank] += value
 
     def _evaluate_and_log(self, progress) -> None:
         window = self.window
@@ -253,8 +289,11 @@ class Trainer:
             "dropped_fraction": [float(np.mean(d)) if d else 0.0 for d in window["dropped"]],
             "lr": self.optimizer.lr,
         }
+        if self.parallel:  # per layer, per rank: rows_received, bytes_sent, bytes_received, exchange_seconds
+            row["expert_parallel"] = dict(self.window.get("exchange", {}), ranks=self.parallel.comm.size)
         try:
-            append_metrics(self.metrics_path, row)
+            if self.is_main:
+                append_metrics(self.metrics_path, row)
         except OSError as error:
             raise self._output_error(self.metrics_path, error) from None
         self.metrics.append(row)
@@ -265,7 +304,8 @@ class Trainer:
     def _checkpoint_due(self) -> bool:
         every = self.config.checkpoint_every
         if every is None:
-            return time.monotonic() - self._last_save >= self.config.checkpoint_seconds
+            due = time.monotonic() - self._last_save >= self.config.checkpoint_seconds
+            return due if not self.parallel else self.parallel.root_decides(due)
         return every > 0 and self.step % every == 0
 
     def finish(self) -> dict:
@@ -274,9 +314,13 @@ class Trainer:
             "val_loss": final["val_loss"], "unigram_loss": self.data.unigram_loss(), "steps": self.step,
             "seconds": self.seconds, "device": self.config.device,
             "tokens_per_second": self.step * self.config.batch_size * self.config.seq_len / max(self.seconds, 1e-9),
-            "parameters": self.model.num_parameters(), "vocab_size": len(self.data.vocab),
+            "parameters": self.parallel.num_parameters(self.model) if self.parallel else self.model.num_parameters(),
+            "vocab_size": len(self.data.vocab),
         }
         summary["improvement_over_unigram"] = 1.0 - summary["val_loss"] / summary["unigram_loss"]
+        if not self.is_main:  # rank 0 plots and writes the summary
+            summary["plots"] = []
+            return summary
         summary["plots"] = [os.path.basename(path) for path in plot_run(self.metrics, summary, self.out_dir)]
         path = os.path.join(self.out_dir, "summary.json")
         try:
