@@ -18,7 +18,11 @@ SIZES = dict(d_model=6, d_ff=5, n_experts=4)
 def test_the_fields_their_defaults_and_their_documentation():
     names = [field.name for field in dataclasses.fields(MoEConfig)]
     assert names == ["d_model", "d_ff", "n_experts", "top_k", "activation", "router", "normalize_top_k",
-                     "capacity_factor", "n_shared_experts", "jitter", "bias_update_rate", "dtype"]
+                     "capacity_factor", "n_shared_experts", "jitter", "bias_update_rate",
+                     "n_groups", "topk_groups", "routed_scaling_factor", "shared_d_ff", "shared_expert_gate",
+                     "router_bias", "expert_bias", "swiglu_alpha", "swiglu_limit", "capacity_per",
+                     "top_p", "n_null_experts", "target_sparsity", "l1_coefficient", "l1_update_factor", "balance",
+                     "dtype"]
     config = MoEConfig(**SIZES)
     assert (config.top_k, config.activation, config.router, config.normalize_top_k, config.capacity_factor,
             config.n_shared_experts, config.jitter, config.bias_update_rate, config.dtype) == \

@@ -5,6 +5,8 @@ import tracemalloc
 import numpy as np
 import pytest
 
+from tinymoe.models.transformer import FLAT_MOE_KEYS
+
 from tinymoe.models import MoETransformer, TransformerConfig
 from tinymoe.train.estimate import estimate
 
@@ -32,7 +34,7 @@ def test_flat_and_nested_dicts_read_like_the_config():
     config = _config(CONFIGS[0])
     nested = config.to_dict()
     flat = {**{k: v for k, v in nested.items() if k != "moe"},
-            **{k: v for k, v in nested["moe"].items() if k not in ("d_model", "dtype")}}
+            **{k: v for k, v in nested["moe"].items() if k in FLAT_MOE_KEYS}}
     assert estimate(nested) == estimate(config) == estimate(flat)
 
 

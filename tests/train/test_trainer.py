@@ -8,6 +8,8 @@ import os
 import numpy as np
 import pytest
 
+from tinymoe.models.transformer import FLAT_MOE_KEYS
+
 import tinymoe
 from tinymoe.models import TransformerConfig
 from tinymoe.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -212,7 +214,7 @@ def test_resume_reads_the_flat_model_config_of_earlier_releases(data, tmp_path):
     checkpoint = load_checkpoint(path)
     nested = checkpoint.meta["model_config"]
     flat = {**{key: value for key, value in nested.items() if key != "moe"},
-            **{key: value for key, value in nested["moe"].items() if key not in ("d_model", "dtype")}}
+            **{key: value for key, value in nested["moe"].items() if key in FLAT_MOE_KEYS}}
     assert "n_experts" in flat and "moe" not in flat  # the 0.1 layout
     save_checkpoint(path, checkpoint.model_state, checkpoint.optimizer_state, {**checkpoint.meta, "model_config": flat})
     trainer = make_trainer(data, tmp_path, steps=4)

@@ -5,7 +5,8 @@ Accepted names (after an optional common prefix such as "model.layers.0.block_sp
                                      experts.{i}.w3.weight (ff, d); experts.{i}.w2.weight (d, ff)
   fused (transformers >= 5):         gate.weight; experts.gate_up_proj (E, 2·ff, d), gate rows first;
                                      experts.down_proj (E, d, ff)
-They map onto tinymoe's router.weight, experts.w1, experts.w3, experts.w2 without transposes.
+  optional, sigmoid router only:      gate.e_score_correction_bias (E,) (DeepSeek-V3's selection bias)
+They map onto tinymoe's router.weight, experts.w1, experts.w3, experts.w2 (and router.bias) without transposes.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import numpy as np
 from ..engine.backend import to_device
 
 _ROUTER = "gate.weight"
+_SELECTION_BIAS = "gate.e_score_correction_bias"
 _FUSED = ("experts.gate_up_proj", "experts.down_proj")
 _PER_EXPERT = re.compile(r"experts\.(\d+)\.(w1|w2|w3)\.weight$")
 
@@ -85,6 +87,12 @@ def mixtral_arrays(moe, state_dict, prefix=None) -> dict:
     own = {key[len(prefix):]: value for key, value in state_dict.items() if key.startswith(prefix)}
     n_experts, d_model, d_ff = moe.n_experts, moe.d_model, moe.experts.d_ff
     expected_shapes = {_ROUTER: (n_experts, d_model)}
+    if _SELECTION_BIAS in own:
+        if moe.router.kind != "sigmoid":
+            raise KeyError(f"load_mixtral: {prefix}{_SELECTION_BIAS} is the sigmoid router's selection bias "
+                           f"(DeepSeek-V3), but this layer has router={moe.router.kind!r}; build it with "
+                           "router='sigmoid'")
+        expected_shapes[_SELECTION_BIAS] = (n_experts,)
     if any(key in own for key in _FUSED):
         expected_shapes.update({_FUSED[0]: (n_experts, 2 * d_ff, d_model), _FUSED[1]: (n_experts, d_model, d_ff)})
     else:
@@ -109,7 +117,10 @@ def mixtral_arrays(moe, state_dict, prefix=None) -> dict:
     else:
         stack = lambda name: np.stack([arrays[f"experts.{e}.{name}.weight"] for e in range(n_experts)])  # noqa: E731
         w1, w3, w2 = stack("w1"), stack("w3"), stack("w2")
-    return {"router.weight": arrays[_ROUTER], "experts.w1": w1, "experts.w3": w3, "experts.w2": w2}
+    result = {"router.weight": arrays[_ROUTER], "experts.w1": w1, "experts.w3": w3, "experts.w2": w2}
+    if _SELECTION_BIAS in arrays:
+        result["router.bias"] = arrays[_SELECTION_BIAS]
+    return result
 
 
 def load_mixtral(moe, state_dict, prefix=None) -> None:
@@ -118,6 +129,8 @@ def load_mixtral(moe, state_dict, prefix=None) -> None:
     arrays = mixtral_arrays(moe, state_dict, prefix)
     targets = {"router.weight": moe.router.weight, "experts.w1": moe.experts.w1,
                "experts.w3": moe.experts.w3, "experts.w2": moe.experts.w2}
+    if "router.bias" in arrays:  # a buffer, not a Parameter: set through the router (which checks it is finite)
+        moe.router.bias = to_device(np.array(arrays["router.bias"], dtype=moe.router.bias.dtype), moe.router.weight.device)
     for name, parameter in targets.items():
         # np.array copies: a parameter must never be a read-only view of a memory-mapped .safetensors file
         parameter.data = to_device(np.array(arrays[name], dtype=parameter.dtype, order="C"), parameter.device)

@@ -6,6 +6,8 @@ few dense matmuls on one contiguous block (weights in torch layout: w1 (E, ff, d
 
     SwiGLU (Shazeer 2020; Mixtral):  y = w2 · (silu(w1 · x) ⊙ (w3 · x))
     MLP ("relu" | "gelu" | "silu"):   y = w2 · act(w1 · x + b1) + b2
+    expert_bias (GPT-OSS):           y = w2 · (silu(w1 · x + b1) ⊙ (w3 · x + b3)) + b2
+    "swiglu_clamped" (GPT-OSS):      h = (clip(w3·x + b3, ±L) + 1) ⊙ g·σ(α·g), g = min(w1·x + b1, L)
 """
 from __future__ import annotations
 
@@ -15,9 +17,10 @@ from ..engine.backend import normalize_device, normalize_dtype
 from ..engine.checks import check_finite, require_int
 from ..engine.random import as_generator
 from ..functional.experts import mlp_experts_unchecked, swiglu_experts_unchecked
+from ..functional.gated_experts import gated_experts_unchecked
 from . import init
 from .module import Module
-from .moe_config import ACTIVATIONS, MoEConfig  # noqa: F401  (ACTIVATIONS: re-exported)
+from .moe_config import ACTIVATIONS, GATED_ACTIVATIONS, MoEConfig  # noqa: F401  (ACTIVATIONS: re-exported)
 
 
 NON_FINITE_ADVICE = ("check the weights for NaN/inf and the input's scale (float32 overflows above 3.4e38); "
@@ -33,8 +36,9 @@ class Experts(Module):
     """E independent FFN experts, shaped by `config` (a MoEConfig: n_experts, d_model, d_ff, activation, dtype).
 
     Parameters: w1 (E, ff, d), w3 (E, ff, d; SwiGLU only), w2 (E, d, ff);
-    b1 (E, ff) and b2 (E, d) for the non-gated activations. Initialised like torch Linear layers:
-    U(±1/sqrt(d)) for w1, w3, b1 and U(±1/sqrt(ff)) for w2, b2.
+    b1 (E, ff) and b2 (E, d) for the non-gated activations, and b1, b3 (E, ff), b2 (E, d) for gated ones with
+    expert_bias. Initialised like torch Linear layers: U(±1/sqrt(d)) for w1, w3, b1, b3 and U(±1/sqrt(ff))
+    for w2, b2 (the gated biases are drawn after all weights, so expert_bias=False draws as before).
     """
 
     def __init__(self, config: MoEConfig, *, device="cpu", generator=None):
@@ -43,10 +47,15 @@ class Experts(Module):
             raise TypeError(f"Experts: config must be a MoEConfig, got {type(config).__name__}")
         self.n_experts, self.d_model, self.d_ff = config.n_experts, config.d_model, config.d_ff
         self.activation = activation = config.activation
+        gated = activation in GATED_ACTIVATIONS
+        self.expert_bias = config.expert_bias
+        self.swiglu_alpha, self.swiglu_limit = config.swiglu_alpha, config.swiglu_limit
         dtype = normalize_dtype(config.dtype, normalize_device(device))
         shape_in, shape_out = (self.n_experts, self.d_ff, self.d_model), (self.n_experts, self.d_model, self.d_ff)
-        if activation == "swiglu":
+        if gated:
             shapes = {"w1": shape_in, "w3": shape_in, "w2": shape_out}
+            if config.expert_bias:
+                shapes.update({"b1": shape_in[:2], "b3": shape_in[:2], "b2": shape_out[:2]})
         else:
             shapes = {"w1": shape_in, "b1": shape_in[:2], "w2": shape_out, "b2": shape_out[:2]}
         init.require_memory("Experts", shapes, dtype, {"n_experts": self.n_experts, "d_ff": self.d_ff,
@@ -54,18 +63,26 @@ class Experts(Module):
         generator = as_generator(generator)
         in_bound, out_bound = 1 / math.sqrt(self.d_model), 1 / math.sqrt(self.d_ff)
         self.w1 = init.uniform(shape_in, in_bound, generator, dtype, device)
-        if activation == "swiglu":
+        if gated:
             self.w3 = init.uniform(shape_in, in_bound, generator, dtype, device)
         else:
             self.b1 = init.uniform((self.n_experts, self.d_ff), in_bound, generator, dtype, device)
         self.w2 = init.uniform(shape_out, out_bound, generator, dtype, device)
-        if activation != "swiglu":
+        if not gated:
+            self.b2 = init.uniform((self.n_experts, self.d_model), out_bound, generator, dtype, device)
+        elif config.expert_bias:
+            self.b1 = init.uniform((self.n_experts, self.d_ff), in_bound, generator, dtype, device)
+            self.b3 = init.uniform((self.n_experts, self.d_ff), in_bound, generator, dtype, device)
             self.b2 = init.uniform((self.n_experts, self.d_model), out_bound, generator, dtype, device)
 
     def forward(self, xs, expert_offsets):
         """xs (M, d) sorted by expert; expert_offsets: host ints (E+1,) → (M, d)."""
-        if self.activation == "swiglu":
+        if self.activation == "swiglu" and not self.expert_bias:
             return swiglu_experts_unchecked(xs, self.w1, self.w3, self.w2, expert_offsets)
+        if self.activation in GATED_ACTIVATIONS:
+            biases = (self.b1, self.b3, self.b2) if self.expert_bias else (None, None, None)
+            return gated_experts_unchecked(xs, self.w1, biases[0], self.w3, biases[1], self.w2, biases[2],
+                                           expert_offsets, self.activation, self.swiglu_alpha, self.swiglu_limit)
         return mlp_experts_unchecked(xs, self.w1, self.b1, self.w2, self.b2, expert_offsets, self.activation)
 
     def extra_repr(self):

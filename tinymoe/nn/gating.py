@@ -19,19 +19,41 @@ def _scatter_rows(xp, shape, expert_ids, values):
     return out
 
 
+def group_limited_selection(xp, selection, scores, groups):
+    """`selection` (T, E) with the experts outside each token's best groups set to −inf (DeepSeek-V3).
+
+    groups = (n_groups, topk_groups) or None (selection returned as is). The E experts form n_groups equal
+    groups of consecutive ids; group g scores Σ of the top-2 of scores[t, g] (for the sigmoid gate s + bias,
+    for the softmax gate p); the topk_groups best groups (stable: ties to the lower group) stay eligible.
+    No gradient: it only decides which experts may be picked.
+    """
+    if groups is None:
+        return selection
+    n_groups, topk_groups = groups
+    n_tokens, n_experts = scores.shape
+    grouped = xp.sort(scores.reshape(n_tokens, n_groups, n_experts // n_groups), axis=2)
+    group_scores = grouped[:, :, -1] + grouped[:, :, -2]                  # (T, G): top-1 + top-2
+    eligible_groups = xp.zeros((n_tokens, n_groups), dtype=bool)
+    xp.put_along_axis(eligible_groups, stable_top_k(group_scores, topk_groups), True, axis=1)
+    eligible = xp.repeat(eligible_groups, n_experts // n_groups, axis=1)  # (T, E)
+    return xp.where(eligible, selection, -xp.inf)
+
+
 class SoftmaxTopK(Function):
     """Token-choice softmax gate (Shazeer et al. 2017; Switch; Mixtral).
 
     p = softmax(z); ids = top-k of z; weights = softmax(z_ids) (normalize, Mixtral: p_ids / Σ p_ids)
     or p_ids (Switch). With k = E and normalize this is the dense mixture of Jacobs et al. (1991).
+    groups=(n_groups, topk_groups): ids are picked among the experts of the best groups only (groups scored
+    by their top-2 p; see group_limited_selection).
     Backward: dz = softmax'(p; dp) + scatter(ids, normalize ? w·(dw − Σ dw·w) : p_ids-path of dw).
     """
 
     @staticmethod
-    def forward(ctx, logits, k, normalize):
+    def forward(ctx, logits, k, normalize, groups=None):
         xp = ctx.xp
         probs = softmax(logits, axis=1)
-        expert_ids = stable_top_k(logits, k)
+        expert_ids = stable_top_k(group_limited_selection(xp, logits, probs, groups), k)
         chosen = xp.take_along_axis(logits, expert_ids, axis=1)
         weights = softmax(chosen, axis=1) if normalize else xp.take_along_axis(probs, expert_ids, axis=1)
         ctx.save_for_backward(probs, weights, expert_ids)
@@ -54,17 +76,21 @@ class SigmoidTopK(Function):
 
     s = σ(z); ids = top-k of s + bias (the bias steers selection only); weights = s_ids / Σ s_ids
     (normalize) or s_ids. probs = s / Σ_e s (the normalised affinities, for the balance loss).
+    groups=(n_groups, topk_groups): DeepSeek-V3's group-limited routing, groups scored by their top-2 s + bias
+    (see group_limited_selection); weights still come from the unbiased s. (transformers divides by
+    Σ s_ids + 1e-20; the softmax of log-scores below is s_ids / Σ s_ids, the same but for that 1e-20.)
     The ratios are computed from ℓ = log σ(z) = −softplus(−z) as softmaxes, so they stay finite when every
     σ(z) underflows (z ~ −1e4). Backward, with dℓ/dz = 1 − s:
     normalize: dℓ_ids = w·(dw − Σ dw·w), else dℓ_ids = dw·s_ids;  dℓ += p·(dp − Σ dp·p);  dz = dℓ·(1 − s).
     """
 
     @staticmethod
-    def forward(ctx, logits, bias, k, normalize):
+    def forward(ctx, logits, bias, k, normalize, groups=None):
         xp = ctx.xp
         scores = sigmoid(logits)
         log_scores = -softplus(-logits)
-        expert_ids = stable_top_k(scores + bias, k)
+        biased = scores + bias
+        expert_ids = stable_top_k(group_limited_selection(xp, biased, biased, groups), k)
         if normalize:
             weights = softmax(xp.take_along_axis(log_scores, expert_ids, axis=1), axis=1)
         else:

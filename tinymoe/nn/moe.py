@@ -6,6 +6,10 @@
     ys      = experts(xs, plan.offsets)         one matmul chain per expert block (experts.py)
     y[t]    = Σ_j w[t, j] · ys[row(t, j)]        combine (dropped assignments contribute nothing)
             + shared(x[t])                      always-on shared experts (DeepSeek/Qwen), if any
+                  · σ(x[t] · w_gate)            with shared_expert_gate (Qwen2-MoE)
+
+capacity_per="sequence": for an input (..., L, d) each sequence is its own token group (GShard): capacity
+C = ceil(cf·L·k/E) per expert and sequence, kept by choice rank then token order within the sequence.
 
 Dispatch, combine and both their backwards are gathers through the plan's inverse permutation: every
 output row has one owner, so results are deterministic and no atomics are needed.
@@ -18,8 +22,12 @@ import numpy as np
 
 from ..engine.backend import array_module, normalize_device, normalize_dtype, to_numpy
 from ..engine.checks import check_finite, require_tensor
+from ..engine.array_math import stable_argsort
 from ..engine.random import as_generator
+from ..functional.activations import sigmoid
+from ..functional.linear import linear
 from ..functional.dispatch import combine_rows_unchecked, gather_rows_unchecked, routing_plan_unchecked
+from . import init
 from .experts import NON_FINITE_ADVICE, Experts, SwiGLU, layer_label
 from .module import Module
 from .moe_config import MoEConfig, option_names
@@ -33,19 +41,41 @@ class MoEStats:
     kept_per_expert (E,) int64: rows each expert processed (after capacity); a host value from the plan.
     requested_per_expert (E,) int64: assignments each expert was asked for (before capacity).
     tokens_per_expert: read-only alias of kept_per_expert (rows processed), the name of earlier releases.
-    dropped_fraction: token choice: assignments dropped by capacity (host value); expert choice: tokens no
-    expert took. router_entropy: mean over tokens of −Σ_e p log p (nats).
+    dropped_fraction: token choice (also top_p, null experts, relu): assignments dropped by capacity (host
+    value); expert choice: tokens no expert took. router_entropy: mean over tokens of −Σ_e p log p (nats).
     mean_top1_probability: mean over tokens of max_e p.
+    experts_per_token: mean over tokens of the real experts a token chose (valid slots, before capacity): k for
+    token choice, variable for expert choice, top_p, null experts and relu. experts_per_token_histogram
+    (K+1,) int64: tokens that chose 0, 1, ..., K experts (K = slots per token: top_k, or E for expert
+    choice and relu).
     """
 
     FIELDS = ("kept_per_expert", "requested_per_expert", "dropped_fraction", "router_entropy",
-              "mean_top1_probability")
+              "mean_top1_probability")  # experts_per_token(_histogram): properties, not yet in as_dict
 
-    def __init__(self, probs, requested, valid, kept_per_expert, n_tokens, dropped_fraction):
+    def __init__(self, probs, requested, valid, kept_per_expert, n_tokens, dropped_fraction, n_slots=None,
+                 expert_choice=None):
         # probs, requested, valid: arrays on the layer's device (valid None for token choice)
         self._probs, self._requested, self._valid = probs, requested, valid
         self._n_tokens, self._plan_dropped = n_tokens, dropped_fraction
         self.kept_per_expert = kept_per_expert.astype(np.int64)
+        self._n_slots = n_slots if n_slots is not None else (0 if valid is None else valid.shape[1])
+        # a valid mask of token choice (top_p, null experts, relu) drops by capacity like plain token choice
+        self._expert_choice = valid is not None if expert_choice is None else expert_choice
+
+    @functools.cached_property
+    def experts_per_token_histogram(self) -> np.ndarray:
+        if self._valid is None:
+            histogram = np.zeros(self._n_slots + 1, dtype=np.int64)
+            histogram[self._n_slots] = self._n_tokens
+            return histogram
+        per_token = self._valid.sum(axis=1)
+        return to_numpy(array_module(per_token).bincount(per_token, minlength=self._n_slots + 1)).astype(np.int64)
+
+    @property
+    def experts_per_token(self) -> float:
+        histogram = self.experts_per_token_histogram
+        return float((histogram * np.arange(histogram.size)).sum() / max(int(histogram.sum()), 1))
 
     @property
     def tokens_per_expert(self) -> np.ndarray:
@@ -58,7 +88,7 @@ class MoEStats:
 
     @functools.cached_property
     def dropped_fraction(self) -> float:
-        if self._valid is None:
+        if not self._expert_choice:
             return float(self._plan_dropped)
         tokens_taken = int(to_numpy(self._valid.any(axis=1).sum()))
         return float(1.0 - tokens_taken / self._n_tokens)
@@ -98,7 +128,9 @@ class MoE(Module):
     generator (an int seed or numpy Generator: initial weights, jitter and router noise; None = unseeded),
     seed (the same, the name of earlier releases), name (used in error messages).
     After each forward: `aux_loss` (load balance, a scalar Tensor), `z_loss` (router z-loss),
-    `importance_loss` and `load_loss` (scalar Tensors for router="noisy", None for the other routers), and
+    `importance_loss` and `load_loss` (scalar Tensors for router="noisy", None for the other routers),
+    `entropy_loss` (router="top_p": mean H(p), Huang et al. 2024), `l1_loss` (router="relu": λ-weighted L1 of
+    the gates, ReMoE; λ adapts by `update_l1_coefficient`, see adaptive_routing.py), and
     `stats` (MoEStats, computed when read). Reading any of the four losses before the first forward raises
     RuntimeError (they describe a forward). A forward whose router logits or output hold NaN or inf raises
     FloatingPointError naming the layer (one reduction per check; `tinymoe.set_finite_checks(False)` turns
@@ -118,8 +150,12 @@ class MoE(Module):
         self.experts = Experts(config, device=device, generator=generator)
         self.n_shared_experts = config.n_shared_experts
         if self.n_shared_experts:
-            self.shared = SwiGLU(config.d_model, self.n_shared_experts * config.d_ff, self.dtype, device, generator,
-                                 name=f"{name}.shared")
+            shared_d_ff = self.n_shared_experts * config.d_ff if config.shared_d_ff is None else config.shared_d_ff
+            self.shared = SwiGLU(config.d_model, shared_d_ff, self.dtype, device, generator, name=f"{name}.shared")
+            if config.shared_expert_gate:  # (1, d), U(±1/sqrt(d)) like torch's Linear(d, 1, bias=False)
+                self.shared_gate = init.uniform((1, config.d_model), 1 / config.d_model ** 0.5, generator,
+                                                self.dtype, device)
+        self.capacity_per = config.capacity_per
         self.d_model, self.n_experts, self.top_k = config.d_model, config.n_experts, config.top_k
         self._losses = None  # (aux, z, importance, load) of the last forward
         self.stats = None
@@ -140,6 +176,10 @@ class MoE(Module):
                                doc="Importance loss of the last forward (router='noisy'; None otherwise).")
     load_loss = property(lambda self: self._loss(3, "load_loss"),
                          doc="Smooth load loss of the last forward (router='noisy'; None otherwise).")
+    entropy_loss = property(lambda self: self._loss(4, "entropy_loss"),
+                            doc="Mean router entropy H(p) of the last forward (router='top_p'; None otherwise).")
+    l1_loss = property(lambda self: self._loss(5, "l1_loss"),
+                       doc="λ-weighted L1 gate penalty of the last forward (router='relu'; None otherwise).")
 
     def forward(self, x):
         label = self.label
@@ -155,25 +195,45 @@ class MoE(Module):
         if rows.shape[0] == 0:
             raise ValueError(f"{label}: x holds no tokens (shape {x.shape})")
 
-        routing = self.router(rows, layer_name=label)
-        plan = routing_plan_unchecked(routing.expert_ids, self.n_experts, routing.capacity, routing.valid)
+        routing = self.router(rows, layer_name=label, sequence_length=x.shape[-2] if x.ndim >= 2 else None)
+        dropped = None
+        if self.capacity_per == "sequence":
+            if x.ndim < 2:
+                raise ValueError(f"{label}: capacity_per='sequence' needs x of shape (..., L, d_model) (each "
+                                 f"x[..., :, :] one sequence), got shape {x.shape}")
+            kept = sequence_capacity_mask(routing.expert_ids, self.n_experts, x.shape[-2],
+                                          self.router.capacity(x.shape[-2]))
+            plan = routing_plan_unchecked(routing.expert_ids, self.n_experts, None, kept)
+            dropped = 1 - kept.mean()
+        else:
+            plan = routing_plan_unchecked(routing.expert_ids, self.n_experts, routing.capacity, routing.valid)
         dispatched = gather_rows_unchecked(rows, plan.row_token, token_rows=plan.assignment_row)
         expert_out = self.experts(dispatched, plan.expert_offsets_host)
         out = combine_rows_unchecked(expert_out, plan.assignment_row, routing.weights,
                                      row_assignment=plan.row_assignment)
         if self.n_shared_experts:
-            out = out + self.shared(rows)
+            shared = self.shared(rows)
+            if hasattr(self, "shared_gate"):
+                shared = shared * sigmoid(linear(rows, self.shared_gate))  # (T, d) · (T, 1)
+            out = out + shared
         # The logits were finite (the router checked them), so a NaN or inf here comes from the experts.
         check_finite(out.data, lambda: f"{label}: expert output is not finite (NaN or inf); {NON_FINITE_ADVICE}")
 
-        self._losses = (routing.aux_loss, routing.z_loss, routing.importance_loss, routing.load_loss)
+        self._losses = (routing.aux_loss, routing.z_loss, routing.importance_loss, routing.load_loss,
+                        routing.entropy_loss, routing.l1_loss)
         self.stats = MoEStats(routing.probs.data, routing.requested_per_expert, routing.valid,
-                              plan.kept_per_expert, plan.n_tokens, plan.dropped_fraction)
+                              plan.kept_per_expert, plan.n_tokens,
+                              plan.dropped_fraction if dropped is None else dropped,
+                              n_slots=routing.expert_ids.shape[1], expert_choice=self.router.kind == "expert_choice")
         return out.reshape(*x.shape)
 
     def update_bias(self, rate=None) -> None:
         """Aux-free balance step of the sigmoid router (see Router.update_bias)."""
         self.router.update_bias(rate)
+
+    def update_l1_coefficient(self) -> float:
+        """ReMoE's adaptive L1 step of the relu router (see Router.update_l1_coefficient); returns the new λ."""
+        return self.router.update_l1_coefficient()
 
     def reseed(self, seed) -> None:
         """Restart the layer's noise (jitter, noisy gating) from `seed`: makes training-mode forwards repeatable."""
@@ -181,6 +241,26 @@ class MoE(Module):
 
     def extra_repr(self):
         return f"name={self.name!r}, shared_experts={self.n_shared_experts}"
+
+
+def sequence_capacity_mask(expert_ids, n_experts: int, sequence_length: int, capacity: int):
+    """(T, K) bool: the assignments kept when each run of `sequence_length` consecutive tokens is its own group.
+
+    Within a group every expert keeps its first `capacity` assignments in choice rank, then token order (the
+    per-batch rule of the routing plan, applied to each sequence): a stable sort of the slot-major
+    assignments by (group, expert) ranks them, and rank < capacity keeps them.
+    """
+    xp = array_module(expert_ids)
+    n_tokens, top_k = expert_ids.shape
+    group = xp.arange(n_tokens, dtype=xp.int64) // sequence_length
+    bucket = (group[None, :] * n_experts + expert_ids.T.astype(xp.int64)).reshape(-1)  # slot-major, q = j·T + t
+    order = stable_argsort(bucket)  # stable: choice rank, then token order within each (group, expert)
+    counts = xp.bincount(bucket, minlength=(n_tokens // sequence_length) * n_experts)
+    starts = xp.concatenate([xp.zeros(1, dtype=xp.int64), xp.cumsum(counts)[:-1]])
+    rank = xp.arange(bucket.size, dtype=xp.int64) - starts[bucket[order]]
+    kept = xp.zeros(bucket.size, dtype=bool)
+    kept[order] = rank < capacity
+    return kept.reshape(top_k, n_tokens).T
 
 
 def _config_from_arguments(config, sizes, options) -> MoEConfig:

@@ -5,6 +5,15 @@
     "noisy"          top-k of softmax(z + ε·σ(x Wnᵀ))    Shazeer et al. 2017 (noise in training only)
     "sigmoid"        top-k of σ(z) + bias                DeepSeek-V3, auxiliary-loss-free balance
     "expert_choice"  each expert its top-C tokens        Zhou et al. 2022
+    "top_p"          experts by p until Σp ≥ top_p       Huang et al. 2024 (adaptive_gating.py)
+    "relu"           every expert with relu(z) > 0       ReMoE, Wang et al. 2025 (adaptive_gating.py)
+n_null_experts (AdaMoE), balance ("batch", "sequence", "global") and the deferred bias/L1 updates of gradient
+accumulation: adaptive_routing.py.
+
+Architecture options (MoEConfig): router_bias: z = x_r Wᵀ + b (GPT-OSS; its softmax over the top-k logits is
+"softmax" with normalize_top_k=True, since softmax(z_ids) = p_ids / Σ p_ids); n_groups/topk_groups: top-k
+among the experts of the best groups only (DeepSeek-V3, gating.group_limited_selection);
+routed_scaling_factor: weights · factor after normalisation (DeepSeek-V3).
 
 Capacity: token choice keeps C = min(T, ceil(capacity_factor · T · k / E)) assignments per expert (None =
 dropless); expert choice takes C = min(T, ceil(capacity_factor · T / E)) tokens per expert (capacity_factor None
@@ -24,6 +33,7 @@ from ..engine.checks import check_finite, require_finite_array
 from ..engine.random import as_generator, standard_normal, uniform
 from ..engine.tensor import Tensor
 from . import init
+from . import adaptive_routing
 from .gating import ExpertChoice, NoisyLogits, SigmoidTopK, SoftmaxTopK
 from .module import Module
 from .moe_config import ROUTERS, MoEConfig, positive_finite
@@ -47,6 +57,8 @@ class Routing:
     z_loss: Tensor
     importance_loss: Tensor | None = None
     load_loss: Tensor | None = None
+    entropy_loss: Tensor | None = None  # router="top_p": mean_t H(p_t) (Huang et al. 2024)
+    l1_loss: Tensor | None = None       # router="relu": λ · mean_t Σ_e relu(z_te) (ReMoE)
 
 
 def router_dtype(dtype) -> np.dtype:
@@ -59,7 +71,8 @@ class Router(Module):
     from for the initial weight, jitter and noise) are construction arguments.
 
     Parameters: weight (E, d) (U(±1/sqrt(d))); noise_weight (E, d) for "noisy" (zeros, as in Shazeer et al.);
-    buffer bias (E,) for "sigmoid" (the aux-free balance bias, updated by `update_bias`, never by gradients).
+    buffer bias (E,) for "sigmoid" (the aux-free balance bias, updated by `update_bias`, never by gradients;
+    DeepSeek-V3 checkpoints call it e_score_correction_bias); logit_bias (E,) with router_bias (zeros, as GPT-OSS).
     """
 
     def __init__(self, config: MoEConfig, *, device="cpu", generator=None):
@@ -73,18 +86,24 @@ class Router(Module):
         self.bias_update_rate = config.bias_update_rate
         self.generator = as_generator(generator)
         compute_dtype = router_dtype(config.dtype)
-        shapes = {"weight": (self.n_experts, self.d_model)}
+        shapes = {"weight": (self.n_experts + config.n_null_experts, self.d_model)}  # null experts: extra outputs
         if self.kind == "noisy":
             shapes["noise_weight"] = shapes["weight"]
         init.require_memory("Router", shapes, compute_dtype, {"n_experts": self.n_experts, "d_model": self.d_model},
                             normalize_device(device))
         bound = 1 / math.sqrt(self.d_model)
-        self.weight = init.uniform((self.n_experts, self.d_model), bound, self.generator, compute_dtype, device)
+        self.weight = init.uniform(shapes["weight"], bound, self.generator, compute_dtype, device)
         if self.kind == "noisy":
             self.noise_weight = init.constant((self.n_experts, self.d_model), 0.0, compute_dtype, device)
         if self.kind == "sigmoid":
             self.register_buffer("bias", self.weight.xp.zeros(self.n_experts, dtype=compute_dtype))
+        if config.router_bias:
+            self.logit_bias = init.constant((self.n_experts,), 0.0, compute_dtype, device)
+        self.groups = None if config.n_groups == 1 and config.topk_groups is None else (
+            config.n_groups, config.n_groups if config.topk_groups is None else config.topk_groups)
+        self.routed_scaling_factor = config.routed_scaling_factor
         self.last_load = None  # numpy (E,): assignments per expert in the last training forward
+        adaptive_routing.init_adaptive_state(self, config)
 
     def capacity(self, n_tokens: int):
         """Rows each expert keeps for a batch of n_tokens (None: dropless), at most n_tokens: no expert can be
@@ -96,20 +115,25 @@ class Router(Module):
             return None
         return _clamped_ceil(self.capacity_factor * n_tokens * self.top_k / self.n_experts, n_tokens)
 
-    def forward(self, x, layer_name="MoE"):
-        """x (T, d) → Routing. Raises FloatingPointError naming `layer_name` if the logits are not finite."""
+    def forward(self, x, layer_name="MoE", sequence_length=None):
+        """x (T, d) → Routing. Raises FloatingPointError naming `layer_name` if the logits are not finite.
+        sequence_length: tokens per sequence (rows b·L … b·L + L − 1), needed by balance="sequence"."""
         xp, n_tokens = x.xp, x.shape[0]
         routed_input = x.astype(self.weight.dtype)
         if self.training and self.jitter > 0:
             noise = uniform(self.generator, routed_input.shape, xp, routed_input.dtype, 1 - self.jitter, 1 + self.jitter)
             routed_input = routed_input * Tensor(noise)
-        logits = F.linear(routed_input, self.weight)
+        logits = F.linear(routed_input, self.weight, getattr(self, "logit_bias", None))
         check_finite(logits.data, lambda: f"{layer_name}: router logits are not finite (NaN or inf); check the "
                                           "input and the router weights (tinymoe.set_finite_checks(False): no checks)")
         capacity = self.capacity(n_tokens)
         valid = importance_loss = load_loss = None
+        choice_ids, adaptive_losses = None, {}
         if self.kind == "softmax":
-            probs, weights, expert_ids = SoftmaxTopK.apply(logits, self.top_k, self.normalize_top_k)
+            probs, weights, expert_ids = SoftmaxTopK.apply(logits, self.top_k, self.normalize_top_k, self.groups)
+            if self.n_null_experts:
+                choice_ids = expert_ids
+                expert_ids, valid = adaptive_routing.mask_null_experts(self, expert_ids)
         elif self.kind == "noisy":
             noise_logits = F.linear(routed_input, self.noise_weight)
             shape = tuple(logits.shape)
@@ -121,22 +145,35 @@ class Router(Module):
         elif self.kind == "sigmoid":
             check_finite(self.bias, lambda: f"{layer_name}: the sigmoid router's bias holds NaN or inf (it would "
                                             "collapse the routing); reload or reset router.bias")
-            probs, weights, expert_ids = SigmoidTopK.apply(logits, self.bias, self.top_k, self.normalize_top_k)
+            probs, weights, expert_ids = SigmoidTopK.apply(logits, self.bias, self.top_k, self.normalize_top_k,
+                                                           self.groups)
+        elif self.kind in ("top_p", "relu"):
+            probs, weights, expert_ids, valid, choice_ids, adaptive_losses = adaptive_routing.adaptive_gate(self, logits)
         else:
             probs, weights, expert_ids, valid = ExpertChoice.apply(logits, capacity)
             capacity = None  # the selection already is the capacity
+        if self.routed_scaling_factor != 1.0:
+            weights = weights * self.routed_scaling_factor
 
         counted = expert_ids if valid is None else expert_ids[valid]
         requested = xp.bincount(counted.reshape(-1), minlength=self.n_experts)
         fraction = (requested / max(int(counted.size), 1)).astype(logits.dtype)
         if self.training and self.kind == "sigmoid":
             self.last_load = to_numpy(requested).astype(np.int64)
-            if self.bias_update_rate is not None:
+            if adaptive_routing.record_load(self, self.last_load):  # deferred under gradient accumulation
                 self.update_bias()
+        if self.n_null_experts or self.balance != "batch":
+            choice_valid = None if self.n_null_experts else valid
+            choice_ids = expert_ids if choice_ids is None else choice_ids
+            aux_loss = adaptive_routing.balance_loss(self, probs, choice_ids, choice_valid, sequence_length)
+            if self.balance == "global":
+                self.last_choice_counts = adaptive_routing.choice_counts(choice_ids, choice_valid, self.n_outputs)
+        else:
+            aux_loss = LoadBalanceLoss.apply(probs, fraction)
         return Routing(
             expert_ids=expert_ids, weights=weights, valid=valid, capacity=capacity, probs=probs, logits=logits,
-            requested_per_expert=requested, aux_loss=LoadBalanceLoss.apply(probs, fraction),
-            z_loss=ZLoss.apply(logits), importance_loss=importance_loss, load_loss=load_loss,
+            requested_per_expert=requested, aux_loss=aux_loss,
+            z_loss=ZLoss.apply(logits), importance_loss=importance_loss, load_loss=load_loss, **adaptive_losses,
         )
 
     def update_bias(self, rate=None) -> None:
@@ -152,9 +189,13 @@ class Router(Module):
             rate = positive_finite(rate, "rate", "update_bias")
         if self.last_load is None:
             raise RuntimeError("update_bias() needs a training-mode forward first (it balances the load it saw)")
-        load = self.last_load.astype(np.float64)
+        load = adaptive_routing.take_load(self).astype(np.float64)  # the step's summed load when deferred
         step = rate * np.sign(load.mean() - load)
         self.bias = self.bias + self.weight.xp.asarray(step, dtype=self.bias.dtype)
+
+    def update_l1_coefficient(self) -> float:
+        """router="relu": ReMoE's λ ← λ · α^{sign(target − sparsity)} (see adaptive_routing.update_l1_coefficient)."""
+        return adaptive_routing.update_l1_coefficient(self)
 
     def __setattr__(self, name, value):
         if name == "bias" and value is not None and "bias" in self._buffers:
