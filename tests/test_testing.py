@@ -184,3 +184,49 @@ def test_moe_decisions_expert_choice_and_bad_arguments():
         moe_decisions(object())
     with pytest.raises(ValueError, match="x=3"):
         moe_decisions(moe, x=3)(x)
+
+
+def plain_sequence_capacity(expert_ids, n_experts, length, capacity):
+    """Kept (T, K): within each sequence, experts take assignments in choice rank, then token order, up to C."""
+    kept = np.zeros(expert_ids.shape, bool)
+    for start in range(0, expert_ids.shape[0], length):
+        taken = {}
+        for slot in range(expert_ids.shape[1]):
+            for token in range(start, start + length):
+                expert = int(expert_ids[token, slot])
+                taken[expert] = taken.get(expert, 0) + 1
+                kept[token, slot] = taken[expert] <= capacity
+    return kept
+
+
+def test_moe_decisions_counts_capacity_per_sequence():
+    from tinymoe.nn.moe import sequence_capacity_mask
+
+    moe = tm.nn.MoE(D, D_FF, E, top_k=2, capacity_factor=0.75, capacity_per="sequence", dtype="float64", seed=4)
+    x = leaf(np.random.default_rng(9).standard_normal((3, 8, D)) + np.linspace(0, 2, D))  # skewed: drops
+    with tm.kernels.use("numpy"):
+        expert_ids, kept = moe_decisions(moe)(x)
+    capacity = int(np.ceil(0.75 * 8 * 2 / E))
+    expected = plain_sequence_capacity(expert_ids, E, 8, capacity)
+    np.testing.assert_array_equal(kept, expected)
+    np.testing.assert_array_equal(kept, sequence_capacity_mask(expert_ids, E, 8, capacity))
+    batch_capacity = int(np.ceil(0.75 * 24 * 2 / E))
+    assert not (kept == plain_sequence_capacity(expert_ids, E, 24, batch_capacity)).all()  # the batch rule differs
+    assert not kept.all()
+
+
+@pytest.mark.parametrize("defer", [False, True])
+def test_moe_decisions_leaves_the_relu_routers_state_alone(defer):
+    moe = tm.nn.MoE(D, D_FF, E, top_k=2, router="relu", dtype="float64", seed=5).train()
+    router = moe.router
+    router.defer_updates = defer
+    x = leaf(np.random.default_rng(10).standard_normal((T, D)))
+    with tm.kernels.use("numpy"):
+        moe(x)
+        before = (float(router.l1_coefficient), router.last_sparsity, router.pending_gates, router.pending_load)
+        moe_decisions(moe)(x)
+        after = (float(router.l1_coefficient), router.last_sparsity, router.pending_gates, router.pending_load)
+        assert after == before
+        assert "l1_coefficient" in router._buffers
+        moe(x)  # a real training forward does step λ (or add to the pending sums): the check above can fail
+    assert (router.pending_gates != before[2]) if defer else (float(router.l1_coefficient) != before[0])

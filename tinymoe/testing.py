@@ -85,8 +85,10 @@ def moe_decisions(moe, x=0, *, reseed=None):
 
     If the layer records its decisions (`moe.last_decisions`, a (expert_ids, kept) pair set by each forward),
     they are read from there. Otherwise they are recomputed with the layer's own router and routing plan
-    under no_grad, at the current inputs; the router's noise generator, `last_load` and sigmoid bias are left
-    as they were, so the state_fn does not change what fn computes.
+    under no_grad, at the current inputs (capacity_per="sequence": capacity counted per sequence of the input
+    (..., L, d)); the router's noise generator and its non-gradient state (sigmoid load and bias, the ReLU
+    router's l1_coefficient, last_sparsity, pending_load, pending_gates) are left as they were, so the
+    state_fn does not change what fn computes.
     """
     if not (hasattr(moe, "router") and hasattr(moe, "n_experts") and hasattr(moe, "d_model")):
         raise TypeError(f"moe_decisions: moe must be a tinymoe.nn.MoE layer, got {type(moe).__name__}")
@@ -119,22 +121,50 @@ def _input_at(inputs, position):
     return tokens
 
 
+# Router state a forward may change (training mode) and the state function must leave as it was: the sigmoid
+# router's load and bias (updated per forward, or summed when deferred), the ReLU router's L1 coefficient λ (a
+# buffer, stepped by each training forward unless deferred), its last sparsity and pending gate counts.
+_ROUTER_STATE = ("last_load", "pending_load", "pending_gates", "last_sparsity", "last_choice_counts")
+
+
 def _routing_decisions(moe, tokens, reseed):
     router = moe.router
-    saved_generator, saved_load = router.generator, router.last_load
-    saved_bias = router.bias if router.kind == "sigmoid" else None
+    saved_generator = router.generator
+    saved_state = {name: getattr(router, name) for name in _ROUTER_STATE if hasattr(router, name)}
+    saved_buffers = {name: router._buffers[name] for name in ("bias", "l1_coefficient") if name in router._buffers}
     if reseed is None:
         router.generator = copy.deepcopy(saved_generator)
     else:
         moe.reseed(reseed)
+    sequence_length = tokens.shape[-2] if tokens.ndim >= 2 else None
     try:
         with no_grad():
-            routing = router(tokens.reshape(-1, moe.d_model), layer_name=moe.name)
-            plan = routing_plan(routing.expert_ids, moe.n_experts, routing.capacity, routing.valid)
+            routing = router(tokens.reshape(-1, moe.d_model), layer_name=moe.name, sequence_length=sequence_length)
+            kept = _kept_assignments(moe, routing, sequence_length)
     finally:
-        router.generator, router.last_load = saved_generator, saved_load
-        if saved_bias is not None:
-            router.bias = saved_bias
+        router.generator = saved_generator
+        for name, value in saved_state.items():
+            setattr(router, name, value)
+        for name, value in saved_buffers.items():
+            setattr(router, name, value)
     expert_ids = np.asarray(to_numpy(routing.expert_ids)).astype(np.int64)
-    kept = np.asarray(to_numpy(plan.assignment_row)) >= 0
     return expert_ids, kept
+
+
+def _kept_assignments(moe, routing, sequence_length):
+    """(T, K) bool host array of the assignments that survive capacity, counted as the layer counts it: over the
+    whole batch, or (capacity_per="sequence") within each run of sequence_length tokens with C from L (the
+    batch rule applied to each sequence, so each sequence gets its own routing plan)."""
+    if getattr(moe, "capacity_per", "batch") != "sequence":
+        plan = routing_plan(routing.expert_ids, moe.n_experts, routing.capacity, routing.valid)
+        return np.asarray(to_numpy(plan.assignment_row)) >= 0
+    if sequence_length is None:
+        raise ValueError(f"moe_decisions: {moe.name} has capacity_per='sequence' and needs an input of shape "
+                         "(..., L, d_model)")
+    capacity = moe.router.capacity(sequence_length)
+    kept = []
+    for start in range(0, routing.expert_ids.shape[0], sequence_length):
+        ids = routing.expert_ids[start:start + sequence_length]
+        plan = routing_plan(ids, moe.n_experts, capacity, None)
+        kept.append(np.asarray(to_numpy(plan.assignment_row)) >= 0)
+    return np.concatenate(kept, axis=0)

@@ -1,6 +1,8 @@
 """Expert parallelism in one process (LocalCommunicator, P = 1): the layer and the training helpers must equal
 the plain single-process code, and bad input must fail early with a clear message. The multi-rank checks are
 ep_cases.py (test_expert_parallel_mpi.py)."""
+import re
+
 import numpy as np
 import pytest
 
@@ -149,3 +151,66 @@ def test_the_layers_collective_ops_pass_gradcheck_on_one_rank():
     assert tm.gradcheck(lambda r: (MeteredExchangeRows.apply(r, counts, counts, comm, meter) * weights).sum(), [rows])
     assert tm.gradcheck(lambda r: (AllGatherRows.apply(r, comm) ** 2 * weights).sum(), [rows])
     assert meter.rows_sent == 0 and meter.bytes_sent > 0  # rows_* count the layer's dispatch, bytes every call
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(n_null_experts=2), "does not support n_null_experts=2"),
+    (dict(balance="sequence"), "balance='batch' only (got balance='sequence')"),
+    (dict(balance="global"), "balance='batch' only (got balance='global')"),
+    (dict(capacity_factor=1.0, capacity_per="sequence"), "capacity_per='sequence' is not supported"),
+])
+def test_options_the_layer_would_get_wrong_are_refused_naming_them(options, message):
+    base = dict(d_model=4, d_ff=4, n_experts=2, top_k=1, generator=0)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ExpertParallelMoE(**base, **options, comm=LocalCommunicator())
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ExpertParallelMoE.from_moe(tm.nn.MoE(**base, **options), LocalCommunicator())
+
+
+def test_relu_router_is_refused_over_several_ranks_only():
+    with pytest.raises(ValueError, match="router='relu' is not supported over 3 ranks"):
+        ExpertParallelMoE(d_model=4, d_ff=4, n_experts=6, top_k=2, router="relu", comm=ThreeRanks(), generator=0)
+    ExpertParallelMoE(d_model=4, d_ff=4, n_experts=6, top_k=2, router="relu", comm=LocalCommunicator(), generator=0)
+
+
+@pytest.mark.parametrize("router, extra", [("top_p", dict(top_p=0.6)), ("softmax", dict(capacity_factor=1.0))])
+def test_one_rank_layer_with_a_gated_shared_expert_equals_the_moe_layer(router, extra):
+    options = dict(d_model=6, d_ff=8, n_experts=4, top_k=2, router=router, dtype="float64", n_shared_experts=1,
+                   shared_expert_gate=True, **extra)
+    x = np.random.default_rng(2).standard_normal((2, 7, 6))
+    cotangent = np.random.default_rng(3).standard_normal((2, 7, 6))
+    single = tm.nn.MoE(**options, generator=4)
+    layer = ExpertParallelMoE(**options, comm=LocalCommunicator(), generator=4)
+    expected_out, expected_dx, expected_grads = run(single, x, cotangent)
+    out, dx, grads = run(layer, x, cotangent)
+    np.testing.assert_array_equal(out, expected_out)
+    np.testing.assert_allclose(dx, expected_dx, rtol=1e-12, atol=1e-13)
+    for name in expected_grads:
+        np.testing.assert_allclose(grads[name], expected_grads[name], rtol=1e-12, atol=1e-13, err_msg=name)
+    if router == "top_p":
+        assert float(layer.entropy_loss.numpy()) == float(single.entropy_loss.numpy())
+    assert layer.stats.experts_per_token == single.stats.experts_per_token
+
+
+class TwinRanks(LocalCommunicator):
+    """One rank whose all-reduce sums two identical ranks' values (as if a twin ran the same batch)."""
+
+    def allreduce_sum(self, array, *, inplace=False):
+        return np.asarray(array) * 2
+
+
+def test_deferred_sigmoid_updates_add_the_global_load_to_pending_load():
+    options = dict(d_model=6, d_ff=4, n_experts=4, top_k=2, router="sigmoid", bias_update_rate=0.1, dtype="float64")
+    layer = ExpertParallelMoE(**options, comm=TwinRanks(), generator=1).train()
+    layer.router.defer_updates = True
+    bias = layer.router.bias.copy()
+    local = []
+    for seed in (5, 6):
+        layer(tm.tensor(np.random.default_rng(seed).standard_normal((9, 6)), dtype="float64"))
+        local.append(layer.stats.requested_per_expert)
+    np.testing.assert_array_equal(layer.router.bias, bias)  # deferred: no step per forward
+    np.testing.assert_array_equal(layer.router.pending_load, 2 * (local[0] + local[1]))  # global, not local
+    layer.update_bias()  # one step per optimizer step, on the summed global load
+    load = 2 * (local[0] + local[1])
+    np.testing.assert_allclose(layer.router.bias, bias + 0.1 * np.sign(load.mean() - load))
+    assert layer.router.pending_load is None

@@ -101,3 +101,38 @@ def test_bad_arguments_are_named(kwargs, message):
         estimate(_config(CONFIGS[0]), **kwargs)
     with pytest.raises(TypeError, match="TransformerConfig or a dict"):
         estimate("config")
+
+
+OPTION_CONFIGS = [
+    dict(moe=dict(d_ff=16, n_experts=4, top_k=2, n_null_experts=3)),
+    dict(moe=dict(d_ff=16, n_experts=4, top_k=2, n_shared_experts=2, shared_d_ff=20, shared_expert_gate=True)),
+    dict(moe=dict(d_ff=16, n_experts=4, top_k=2, router_bias=True, expert_bias=True)),
+    dict(moe=dict(d_ff=16, n_experts=4, top_k=1, activation="swiglu_clamped", expert_bias=True, router="sigmoid",
+                  router_bias=True, n_shared_experts=1, shared_expert_gate=True), moe_layers=[0, 2]),
+    dict(moe=dict(d_ff=16, n_experts=4, top_k=2, router="top_p", top_p=0.5)),
+]
+
+
+@pytest.mark.parametrize("extra", OPTION_CONFIGS, ids=["null", "shared_d_ff+gate", "biases", "clamped+all", "top_p"])
+def test_parameter_counts_of_the_architecture_options_equal_the_built_model(extra):
+    config = _config(extra)
+    model = MoETransformer(config)
+    parameters = dict(model.named_parameters())
+    result = estimate(config)
+    assert result.total_parameters == sum(p.size for p in parameters.values())
+    routers = sum(p.size for name, p in parameters.items() if ".router." in name)
+    shared = sum(p.size for name, p in parameters.items() if ".shared" in name)
+    assert result.parameters_by_part["routers"] == routers
+    assert result.parameters_by_part["shared_experts"] == shared
+
+
+def test_option_parameters_match_hand_formulas():
+    # d=32, 3 MoE layers, E=4, m=3 null experts, f=16: router (E+m)·d; biases b1, b3 (E, f), b2 (E, d) and b (E,)
+    d, n, E, f = 32, 3, 4, 16
+    null = estimate(_config(OPTION_CONFIGS[0])).parameters_by_part
+    assert null["routers"] == n * (E + 3) * d
+    biased = estimate(_config(OPTION_CONFIGS[2])).parameters_by_part
+    assert biased["routers"] == n * (E * d + E)
+    assert biased["experts"] == n * E * (3 * f * d + 2 * f + d)
+    shared = estimate(_config(OPTION_CONFIGS[1])).parameters_by_part
+    assert shared["shared_experts"] == n * (3 * 20 * d + d)

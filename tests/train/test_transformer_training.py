@@ -123,7 +123,7 @@ def test_generate_restores_the_mode_and_checks_arguments(sampling_model):
     sampling_model.generate([1], 2, generator=0)
     assert not sampling_model.training
     sampling_model.train()
-    for bad in (0.0, -1.0):
+    for bad in (-0.5, -1.0):
         with pytest.raises(ValueError, match="temperature"):
             sampling_model.generate([1], 2, temperature=bad)
     with pytest.raises((ValueError, TypeError), match="top_k"):

@@ -22,7 +22,8 @@ the single-process loss on the concatenated batch (equal T_r on every rank):
              (1/P) Σ_r aux_r = E · Σ_e f_e P_e, the global value, and so is its gradient.
   importance / load (noisy)  CV² of the global sums: the (T_r, E) inputs are all-gathered (`AllGatherRows`,
              backward: all-reduce then take my rows), so every rank evaluates the single-process loss.
-  sigmoid bias  the aux-free update (DeepSeek-V3) sees the global load, identical on every rank.
+  sigmoid bias  the aux-free update (DeepSeek-V3) sees the global load, identical on every rank; under the
+             router's `defer_updates` (gradient accumulation) the global load is added to `pending_load`.
   capacity   per token group, C = ceil(cf·T_r·k/E) on rank r (GShard's groups): equal to the single-process
              layer applied to each group separately, not to one call on the concatenated batch.
   expert choice  each expert takes its top C tokens of each group (C from T_r): again per group.
@@ -30,7 +31,10 @@ the single-process loss on the concatenated batch (equal T_r on every rank):
              mode there is none, and the layer then equals the single-process one.
 Gradient scaling (done by `tinymoe.train.distributed.reduce_gradients`): replicated gradients are averaged
 over ranks; a local expert's gradient already sums the contributions of every rank's tokens (they came
-through the exchange), so it is divided by P. `stats` holds this rank's routing; `exchange_stats` the rows
+through the exchange), so it is divided by P.
+Not supported (refused with a ValueError naming the option): n_null_experts (the aux loss here counts the E
+real experts only), balance other than "batch", capacity_per="sequence", and router="relu" over P > 1 ranks
+(its L1 coefficient would step on each rank's own sparsity, so the replicated routers would drift apart). `stats` holds this rank's routing; `exchange_stats` the rows
 and bytes this rank exchanged and the seconds spent in the all-to-alls (forward and backward).
 """
 from __future__ import annotations
@@ -47,6 +51,7 @@ from ..engine.function import Function
 from ..engine.random import standard_normal, uniform
 from ..engine.tensor import Tensor
 from ..functional import linear
+from ..functional.activations import sigmoid
 from ..functional.dispatch import combine_rows_unchecked, gather_rows_unchecked, routing_plan_unchecked
 from .module import Module, Parameter
 from .moe import MoE, MoEStats
@@ -159,6 +164,7 @@ class ExpertParallelMoE(MoE):
         if self.n_experts % comm.size:
             raise ValueError(f"{self.name}: n_experts={self.n_experts} is not divisible by the {comm.size} ranks "
                              "of comm; expert parallelism gives every rank E/P experts (choose P dividing E)")
+        _refuse_unsupported_options(self.config, comm.size, self.name)
         per_rank = self.n_experts // comm.size
         self.comm, self.expert_range = comm, range(comm.rank * per_rank, (comm.rank + 1) * per_rank)
         experts = self.experts
@@ -185,17 +191,20 @@ class ExpertParallelMoE(MoE):
 
         noise_state = router.generator.bit_generator.state if router.kind == "noisy" else None
         rate, router.bias_update_rate = router.bias_update_rate, None  # the update must see the global load
+        pending_load = router.pending_load  # deferred: the router adds its local load; the global one goes in
         try:
             routing = router(rows, layer_name=self.name)
         finally:
-            router.bias_update_rate = rate
+            router.bias_update_rate, router.pending_load = rate, pending_load
         requested = to_numpy(routing.requested_per_expert).astype(np.int64)
         global_requested = comm.allreduce_sum(requested)
         fraction = global_requested / max(int(global_requested.sum()), 1)
         aux_loss = LoadBalanceLoss.apply(routing.probs, xp.asarray(fraction.astype(routing.probs.dtype)))
         if self.training and router.kind == "sigmoid":
             router.last_load = global_requested
-            if rate is not None:
+            if router.defer_updates:
+                router.pending_load = global_requested if pending_load is None else pending_load + global_requested
+            elif rate is not None:
                 router.update_bias()
 
         plan = routing_plan_unchecked(routing.expert_ids, self.n_experts, routing.capacity, routing.valid)
@@ -212,14 +221,19 @@ class ExpertParallelMoE(MoE):
         returned = MeteredExchangeRows.apply(source_major, exchange.recv_counts, exchange.send_counts, comm, meter)
         out = combine_rows_unchecked(returned, plan.assignment_row, routing.weights, row_assignment=plan.row_assignment)
         if self.n_shared_experts:
-            out = out + self.shared(rows)
+            shared = self.shared(rows)
+            if hasattr(self, "shared_gate"):
+                shared = shared * sigmoid(linear(rows, self.shared_gate))  # (T, d) · (T, 1), as MoE
+            out = out + shared
 
         importance = load = None
         if router.kind == "noisy":
             importance, load = self._global_noisy_losses(rows, routing, noise_state)
-        self._losses = (aux_loss, routing.z_loss, importance, load)  # what MoE's loss properties read
+        self._losses = (aux_loss, routing.z_loss, importance, load,  # what MoE's loss properties read
+                        routing.entropy_loss, routing.l1_loss)
         self.stats = MoEStats(routing.probs.data, routing.requested_per_expert, routing.valid,
-                              plan.kept_per_expert, plan.n_tokens, plan.dropped_fraction)
+                              plan.kept_per_expert, plan.n_tokens, plan.dropped_fraction,
+                              n_slots=routing.expert_ids.shape[1], expert_choice=router.kind == "expert_choice")
         self.global_requested_per_expert = global_requested
         return out.reshape(*x.shape)
 
@@ -249,6 +263,23 @@ class ExpertParallelMoE(MoE):
     def extra_repr(self):
         return f"{super().extra_repr()}, experts {self.expert_range.start}..{self.expert_range.stop - 1} of " \
                f"{self.n_experts} on rank {self.comm.rank}/{self.comm.size}"
+
+
+def _refuse_unsupported_options(config, n_ranks: int, name: str) -> None:
+    """ValueError naming the first MoEConfig option this layer would silently get wrong (module docstring)."""
+    if config.n_null_experts:
+        raise ValueError(f"{name}: ExpertParallelMoE does not support n_null_experts={config.n_null_experts} yet "
+                         "(its global aux loss counts the E real experts, the router's probabilities cover E + m "
+                         "outputs); use n_null_experts=0 or the single-process MoE")
+    if config.balance != "batch":
+        raise ValueError(f"{name}: ExpertParallelMoE supports balance='batch' only (got balance={config.balance!r}): "
+                         "its aux loss is the global batch balance")
+    if config.capacity_per != "batch":
+        raise ValueError(f"{name}: ExpertParallelMoE counts capacity per rank's token group; "
+                         f"capacity_per={config.capacity_per!r} is not supported (use 'batch')")
+    if config.router == "relu" and n_ranks > 1:
+        raise ValueError(f"{name}: router='relu' is not supported over {n_ranks} ranks yet: its L1 coefficient "
+                         "would step on each rank's own sparsity and the replicated routers would drift apart")
 
 
 def expert_parallel(model: Module, comm: Communicator) -> Module:

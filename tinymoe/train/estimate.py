@@ -8,11 +8,14 @@ a batch of B sequences of length L holds T = B·L tokens, and an MoE layer makes
 Parameters (exactly what MoETransformer registers; the output head is tied to the token embedding):
     embeddings   V·d + S·d
     per layer    attention 4·d² (q, k, v, out; no biases) + two RMSNorm weights 2·d
-    MoE block    router E·d (noisy: 2·E·d) + experts E·3·f·d (SwiGLU) or E·(2·f·d + f + d) (MLP)
-                 + shared experts 3·s·f·d
+    MoE block    router (E+m)·d with m null experts (noisy: 2·E·d; router_bias: + E)
+                 + experts E·3·f·d (gated: swiglu, swiglu_clamped; expert_bias: + E·(2·f + d)) or
+                   E·(2·f·d + f + d) (MLP)
+                 + shared experts 3·F_s·d, F_s = shared_d_ff or s·f (shared_expert_gate: + d)
     dense block  a SwiGLU of width k·f: 3·k·f·d
     final norm   d
-Active per token: the same with k_eff of the E experts (the router and shared experts always run).
+Active per token: the same with k_eff of the E experts (the router and shared experts always run; for the
+variable-width routers, top_p, relu and null experts, k_eff = top_k, the budget, not the average used).
 
 FLOPs per token, forward: 2 per multiply-add of every matmul a token goes through (the "2·N" rule of Kaplan
 et al. 2020, Table 1), counting only matrices (norm weights, biases and the embedding lookup are not
@@ -28,8 +31,8 @@ Memory of a training step (bytes: elements × itemsize of the dtype; the router 
         per layer  8·T·d + 2·T (each RMSNorm's output and normalised copy, and 1/rms; q, k, v; the merged
                    attention output the out projection saved) + B·h·L² (attention probabilities)
                    + MoE: 2·M·d (dispatched rows, expert outputs kept by the combine) + 2·M·f (SwiGLU gate
-                     and up; MLP: hidden and slopes) + 2·T·E router logits and probabilities + T·k weights
-                     + shared experts 2·T·s·f ;  dense: 2·T·k·f (gate and up)
+                     and up; MLP: hidden and slopes) + 2·T·(E+m) router logits and probabilities + T·k
+                     weights + shared experts 2·T·F_s ;  dense: 2·T·k·f (gate and up)
                    + dropout > 0: 2·T·d (the two masks)
         once       2·T·d + T (final norm) + T·V (log-probabilities kept by the cross-entropy)
     The backward's transient gradients add about one layer's activations on top; NumPy temporaries are not
@@ -45,6 +48,7 @@ import numpy as np
 
 from ..engine.checks import require_int
 from ..models.transformer import TransformerConfig
+from ..nn.moe_config import GATED_ACTIVATIONS
 from ..nn.router import router_dtype
 
 ADAMW_MOMENTS = 2  # exp_avg and exp_avg_sq per parameter (Loshchilov & Hutter 2019; tinymoe.optim.AdamW)
@@ -122,11 +126,27 @@ def effective_top_k(moe) -> float:
 def expert_parameters(moe) -> int:
     """Parameters of one routed expert (MoEConfig `moe`)."""
     d, f = moe.d_model, moe.d_ff
-    return 3 * f * d if moe.activation == "swiglu" else 2 * f * d + f + d
+    if moe.activation in GATED_ACTIVATIONS:
+        return 3 * f * d + (2 * f + d if moe.expert_bias else 0)
+    return 2 * f * d + f + d
 
 
 def _expert_matmul_parameters(moe) -> int:
-    return (3 if moe.activation == "swiglu" else 2) * moe.d_ff * moe.d_model
+    return (3 if moe.activation in GATED_ACTIVATIONS else 2) * moe.d_ff * moe.d_model
+
+
+def shared_width(moe) -> int:
+    """Hidden width F_s of the shared-expert block: shared_d_ff, or n_shared_experts · d_ff (0 without any)."""
+    if not moe.n_shared_experts:
+        return 0
+    return moe.n_shared_experts * moe.d_ff if moe.shared_d_ff is None else moe.shared_d_ff
+
+
+def router_parameters(moe) -> int:
+    """Parameters of one layer's router: weight (E+m, d), noise_weight (E, d) for noisy, logit_bias (E,)."""
+    outputs = moe.n_experts + moe.n_null_experts
+    return (outputs + (moe.n_experts if moe.router == "noisy" else 0)) * moe.d_model + \
+        (moe.n_experts if moe.router_bias else 0)
 
 
 def estimate(config, batch_size: int = 16, seq_len: int | None = None, expert_parallel: int = 1) -> Estimate:
@@ -142,11 +162,13 @@ def estimate(config, batch_size: int = 16, seq_len: int | None = None, expert_pa
     require_int(expert_parallel, "expert_parallel", "estimate", low=1)
     if moe.n_experts % expert_parallel:
         raise ValueError(f"estimate: expert_parallel={expert_parallel} must divide n_experts={moe.n_experts}")
-    d, V, E, f, s = c.d_model, c.vocab_size, moe.n_experts, moe.d_ff, moe.n_shared_experts
+    d, V, E, f = c.d_model, c.vocab_size, moe.n_experts, moe.d_ff
+    shared_ff = shared_width(moe)
     n_moe = len(c.moe_layer_indices())
     n_dense = c.n_layers - n_moe
     k_eff = effective_top_k(moe)
-    routers_per_layer = (2 if moe.router == "noisy" else 1) * E * d
+    routers_per_layer = router_parameters(moe)
+    router_matmul = (E + moe.n_null_experts + (E if moe.router == "noisy" else 0)) * d
     dense_width = moe.d_ff * moe.top_k
 
     total = {
@@ -155,13 +177,13 @@ def estimate(config, batch_size: int = 16, seq_len: int | None = None, expert_pa
         "norms": c.n_layers * 2 * d + d,
         "routers": n_moe * routers_per_layer,
         "experts": n_moe * E * expert_parameters(moe),
-        "shared_experts": n_moe * 3 * s * f * d,
+        "shared_experts": n_moe * (3 * shared_ff * d + (d if moe.shared_expert_gate else 0)),
         "dense_ffn": n_dense * 3 * dense_width * d,
     }
     active = dict(total, experts=math.ceil(n_moe * k_eff * expert_parameters(moe)))
 
-    matmul_per_token = (c.n_layers * 4 * d * d + n_moe * (routers_per_layer + k_eff * _expert_matmul_parameters(moe)
-                                                          + 3 * s * f * d)
+    matmul_per_token = (c.n_layers * 4 * d * d + n_moe * (router_matmul + k_eff * _expert_matmul_parameters(moe)
+                                                          + 3 * shared_ff * d + (d if moe.shared_expert_gate else 0))
                         + n_dense * 3 * dense_width * d + V * d)
     forward_flops = math.ceil(2 * matmul_per_token + c.n_layers * 4 * seq_len * d)
 
@@ -177,8 +199,8 @@ def estimate(config, batch_size: int = 16, seq_len: int | None = None, expert_pa
     activations = {
         "attention": c.n_layers * ((8 * T * d + 2 * T + batch_size * c.n_heads * seq_len ** 2) * itemsize),
         "dropout": c.n_layers * (2 * T * d if c.dropout > 0 else 0) * itemsize,
-        "moe_ffn": math.ceil(n_moe * ((2 * M * d + 2 * M * f + 2 * T * s * f) * itemsize
-                                      + (2 * T * E + T * moe.top_k) * router_itemsize)),
+        "moe_ffn": math.ceil(n_moe * ((2 * M * d + 2 * M * f + 2 * T * shared_ff) * itemsize
+                                      + (2 * T * (E + moe.n_null_experts) + T * moe.top_k) * router_itemsize)),
         "dense_ffn": n_dense * 2 * T * dense_width * itemsize,
         "head": (2 * T * d + T + T * V) * itemsize,
     }
