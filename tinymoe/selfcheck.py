@@ -1,19 +1,23 @@
 """The float64 gradient checks behind `tinymoe gradcheck`: every op and layer, on one device.
 
-Each case builds (fn, inputs) from a seeded generator; `run_all(device)` runs `gradcheck` on each and
-returns one result row per case. Useful to check an install (e.g. a GPU's CuPy build) end to end.
+Each case builds (fn, inputs) from a seeded generator, the MoE cases (fn, inputs, discrete) with discrete the
+layer's routing decisions (tinymoe.testing.moe_decisions): a perturbation that flips a token's experts or a
+capacity drop measures a jump, not a derivative, so it is excluded and counted, not compared. `run_all(device)`
+runs `gradcheck` on each and returns one result row per case (with the GradcheckReport). Useful to check an
+install (e.g. a GPU's CuPy build) end to end.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 
 from . import functional as F
-from .engine.gradcheck import GradcheckError, gradcheck
+from .engine.gradcheck import GradcheckError, GradcheckReport, gradcheck
 from .engine.tensor import tensor
 from .nn import Dropout, Embedding, LayerNorm, Linear, MoE, MoEConfig, RMSNorm, SwiGLU
+from .testing import moe_decisions
 
 
 @dataclass
@@ -22,6 +26,7 @@ class CaseResult:
     passed: bool
     seconds: float
     detail: str = ""
+    report: GradcheckReport | None = None  # None for a failure found before any comparison
 
 
 def _inputs(generator, device, *shapes, positive=False):
@@ -39,13 +44,22 @@ def _moe_case(router, **options):
         for parameter in layer.parameters():
             parameter.data = parameter.xp.asarray(generator.standard_normal(parameter.shape) * 0.5)
         (x,) = _inputs(generator, device, (2, 4, 6))
+        if hasattr(layer.router, "defer_updates"):  # no per-forward bias / L1-coefficient step: fn must be a function
+            layer.router.defer_updates = True
 
         def fn(x, *parameters):
             layer.reseed(1)
             out = [layer(x), layer.aux_loss, layer.z_loss]
-            return tuple(out + ([layer.importance_loss, layer.load_loss] if layer.importance_loss is not None else []))
-        return fn, [x, *layer.parameters()]
+            extra = [getattr(layer, name, None) for name in ("importance_loss", "load_loss", "entropy_loss", "l1_loss")]
+            return tuple(out + [loss for loss in extra if loss is not None])
+        return fn, [x, *layer.parameters()], moe_decisions(layer, reseed=1)
     return build
+
+
+def _available(**options) -> bool:
+    """Whether this build's MoEConfig has every option (fields still being added are left out of CASES)."""
+    names = {field.name for field in fields(MoEConfig)}
+    return set(options) <= names
 
 
 def _module_case(make, shape):
@@ -109,17 +123,34 @@ CASES = {
     "MoE expert choice": _moe_case("expert_choice"),
     "MoE GELU experts, capacity 0.5": _moe_case("softmax", activation="gelu", capacity_factor=0.5),
 }
+# Options of later releases, each where this MoEConfig has it: (name, router, options).
+_NEWER_MOE_CASES = [
+    ("MoE top-p 0.6 (up to 3 experts)", "top_p", dict(top_p=0.6, top_k=3)),
+    ("MoE relu router (ReMoE)", "relu", dict(target_sparsity=0.5, l1_coefficient=0.01)),
+    ("MoE null experts (AdaMoE)", "softmax", dict(n_null_experts=2, top_k=3)),
+    ("MoE sigmoid, group-limited", "sigmoid", dict(n_groups=2, topk_groups=1, routed_scaling_factor=2.5)),
+    ("MoE gated shared expert", "softmax", dict(n_shared_experts=1, shared_d_ff=3, shared_expert_gate=True)),
+    ("MoE clamped SwiGLU, biases", "softmax", dict(activation="swiglu_clamped", swiglu_limit=0.8,
+                                                   expert_bias=True, router_bias=True)),
+]
+CASES.update({name: _moe_case(router, **options) for name, router, options in _NEWER_MOE_CASES
+              if _available(**options)})
 
 
 def run_all(device: str = "cpu", seed: int = 0) -> list:
+    """One CaseResult per case. detail: "N perturbations excluded (routing flipped)" for an MoE case that
+    passed with exclusions; on a failure, the report's one-line summary (the worst mismatch)."""
     results = []
     for name, build in CASES.items():
         generator = np.random.default_rng(seed)
         started = time.perf_counter()
+        fn, inputs, discrete = (*build(generator, device), None)[:3]
         try:
-            fn, inputs = build(generator, device)
-            gradcheck(fn, inputs)
-            results.append(CaseResult(name, True, time.perf_counter() - started))
+            report = gradcheck(fn, inputs, return_report=True, discrete=discrete)
         except GradcheckError as error:
-            results.append(CaseResult(name, False, time.perf_counter() - started, str(error).splitlines()[-1].strip()))
+            detail = error.report.summary() if error.report is not None else str(error).splitlines()[-1].strip()
+            results.append(CaseResult(name, False, time.perf_counter() - started, detail, error.report))
+            continue
+        detail = f"{len(report.excluded)} perturbations excluded (routing flipped)" if discrete is not None else ""
+        results.append(CaseResult(name, True, time.perf_counter() - started, detail, report))
     return results

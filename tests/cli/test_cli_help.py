@@ -9,7 +9,7 @@ from tinymoe.cli.main import build_parser, main
 from tinymoe.models.transformer import DEFAULT_MOE_SIZES
 from tinymoe.nn import MoEConfig
 
-COMMANDS = ["train", "sample", "gradcheck", "info"]
+COMMANDS = ["train", "sample", "generate", "estimate", "doctor", "gradcheck", "info"]
 
 
 def help_text(capsys, monkeypatch, command):

@@ -4,6 +4,7 @@ import json
 import os
 import sys
 
+import numpy as np
 import pytest
 
 import tinymoe
@@ -42,6 +43,21 @@ def test_gradcheck_reports_a_wrong_backward_and_exits_non_zero(monkeypatch, caps
     (row,) = [line for line in lines if line.startswith("wrong square")]
     assert "FAILED" in row
     assert all(" ok " in line for line in lines[1:-1] if not line.startswith("wrong square"))
+
+
+def test_gradcheck_failure_shows_the_worst_mismatch_and_verbose_the_report(monkeypatch, capsys):
+    from tinymoe.engine.gradcheck import GradcheckError, gradcheck
+
+    build = selfcheck._op(lambda x: WrongSquare.apply(x), (3, 2))
+    monkeypatch.setattr(selfcheck, "CASES", {"wrong square": build})
+    with pytest.raises(GradcheckError) as failure:
+        gradcheck(*build(np.random.default_rng(0), "cpu"))
+    assert main(["gradcheck"]) == 1
+    (row,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("wrong square")]
+    assert row.endswith(failure.value.report.summary())
+    assert main(["gradcheck", "--verbose"]) == 1
+    verbose = capsys.readouterr().out
+    assert "    gradcheck failed (eps=1e-06" in verbose and "comparison(s) failed" in verbose
 
 
 def test_train_without_matplotlib_writes_no_plots(tmp_path, monkeypatch, capsys):

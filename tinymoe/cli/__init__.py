@@ -1,4 +1,4 @@
-"""The `tinymoe` command line: train, sample, gradcheck, info."""
+"""The `tinymoe` command line: train, sample, generate, estimate, doctor, gradcheck, info."""
 from .main import main
 
 __all__ = ["main"]

@@ -93,10 +93,10 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
 def add_option(group, flag: str, *, help: str, default=None, default_text: str | None = None, **kwargs):
     """add_argument with `help` ending in "(default: ...)" exactly once; default_text replaces the value shown
-    (e.g. "dropless" for None); store_true flags show "off"; required options show none."""
+    (e.g. "dropless" for None); store_true flags show "off"; required options "none; required"."""
     action = group.add_argument(flag, default=default, **kwargs)
     if kwargs.get("required"):
-        action.help = help
+        action.help = f"{help} (default: none; required)"
         return action
     if default_text is None:
         default_text = "off" if kwargs.get("action") == "store_true" else _shown(default)

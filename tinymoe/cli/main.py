@@ -2,7 +2,8 @@
 
 Exit status: 0 done; 1 a run that could not finish (bad checkpoint or data, disk full, diverged training);
 2 a usage error (a bad option, or options that contradict the run in --out); 70 an internal error (a bug:
-please report it); 130 interrupted (Ctrl-C). Every error is one line on stderr; TINYMOE_DEBUG=1 raises it
+please report it); 130 interrupted (Ctrl-C). `doctor` exits 0 whether or not it finds problems (the report is
+its result), `gradcheck` 1 when a check fails. Every error is one line on stderr; TINYMOE_DEBUG=1 raises it
 with its traceback instead.
 """
 from __future__ import annotations
@@ -17,12 +18,14 @@ INTERNAL_ERROR = 70  # EX_SOFTWARE of sysexits.h
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import gradcheck_command, info_command, sample_command, train_command
+    from . import (doctor_command, estimate_command, generate_command, gradcheck_command, info_command,
+                   sample_command, train_command)
     from .arguments import OneLineErrorParser
 
     parser = OneLineErrorParser(prog="tinymoe", description="A small Mixture-of-Experts engine over NumPy/CuPy.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (train_command, sample_command, gradcheck_command, info_command):
+    for module in (train_command, sample_command, generate_command, estimate_command, doctor_command,
+                   gradcheck_command, info_command):
         module.add_parser(commands)
     return parser
 

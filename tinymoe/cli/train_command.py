@@ -2,7 +2,8 @@
 
 A run lives in its --out directory. Ctrl-C saves a checkpoint at the step reached and prints the command that
 continues it (exit status 130); --resume continues a run exactly. A directory that already holds a run is never
-replaced unless --overwrite is given.
+replaced unless --overwrite is given. --grad-accum N sums N micro-batches of --batch-size into each step;
+--from-pretrained DIR fine-tunes a transformers-format checkpoint instead (finetune_command.py).
 """
 from __future__ import annotations
 
@@ -11,10 +12,10 @@ import shlex
 import sys
 import tempfile
 
-from ..models.transformer import DEFAULT_MOE_SIZES
-from ..nn.moe_config import MoEConfig
-from .arguments import (UsageError, add_config_options, add_option, check_device, fraction_below_one, learning_rate,
-                        non_negative_float, non_negative_int, positive_float, positive_int)
+from .arguments import (UsageError, add_option, check_device, learning_rate, non_negative_float, non_negative_int,
+                        positive_float, positive_int)
+from .finetune_command import FROM_PRETRAINED_HELP
+from .model_options import add_model_options, model_config
 
 RUN_FILES = ("checkpoint.npz", "metrics.jsonl", "summary.json", "loss.png", "expert_load.png")
 RESUME_HELP = ("continue the run in DIR from its checkpoint.npz, exactly; give the same options, except these, "
@@ -46,26 +47,16 @@ def add_parser(commands) -> None:
                help="split each MoE layer's experts over P MPI ranks, and every batch too: start the run with "
                     "mpiexec -n P; P must divide --experts and --batch-size (results equal one process's, up to "
                     "rounding; capacity and expert choice act per rank's share of the batch)")
+    add_option(run, "--from-pretrained", metavar="DIR", help=FROM_PRETRAINED_HELP, default_text="a new model")
     add_option(run, "--kernels", choices=("auto", "numpy", "numba", "cupy"), help="dispatch kernels",
                default_text="TINYMOE_KERNELS or auto")
-    model = parser.add_argument_group("model")
-    add_option(model, "--d-model", type=positive_int, default=64, help="width of the token vectors")
-    add_option(model, "--layers", type=positive_int, default=2, help="transformer blocks")
-    add_option(model, "--heads", type=positive_int, default=4, help="attention heads (must divide --d-model)")
-    add_option(model, "--seq-len", type=positive_int, default=64, help="context length in characters")
-    add_option(model, "--dtype", choices=("float32", "float64", "float16"), default="float32",
-               help="parameter dtype (float16 needs --device cuda)")
-    add_option(model, "--dropout", type=fraction_below_one, default=0.0,
-               help="dropout after attention and FFN, in [0, 1)")
-    moe = parser.add_argument_group("mixture of experts")
-    parser.set_defaults(moe_options=add_config_options(moe, MoEConfig, DEFAULT_MOE_SIZES))
-    add_option(moe, "--moe-layers", default="all", help="'all' or comma-separated layer indices; others are dense")
-    add_option(moe, "--aux-coef", type=non_negative_float, default=0.01, help="weight of the load-balance loss")
-    add_option(moe, "--z-coef", type=non_negative_float, default=0.001, help="weight of the router z-loss")
-    add_option(moe, "--noisy-coef", type=non_negative_float, default=0.01,
-               help="weight of the importance and load losses (router noisy)")
+    add_model_options(parser)
     optimization = parser.add_argument_group("optimization")
-    add_option(optimization, "--batch-size", type=positive_int, default=16, help="sequences per step")
+    add_option(optimization, "--batch-size", type=positive_int, default=16,
+               help="sequences per forward (a step takes --grad-accum of these)")
+    add_option(optimization, "--grad-accum", metavar="N", type=positive_int, default=1,
+               help="micro-batches of --batch-size summed into each optimizer step: the update of one N-times "
+                    "larger batch in the memory of one micro-batch (the aux-free bias steps once per step)")
     add_option(optimization, "--lr", type=learning_rate, default=3e-3, help="peak learning rate (AdamW), in (0, 1]")
     add_option(optimization, "--min-lr", type=non_negative_float, default=3e-4,
                help="learning rate at the end of the cosine decay, at most --lr")
@@ -77,19 +68,6 @@ def add_parser(commands) -> None:
                help="steps between evaluations (each writes metrics and a checkpoint)")
     add_option(optimization, "--eval-batches", type=positive_int, default=8, help="validation batches per evaluation")
     parser.set_defaults(run=run_train)
-
-
-def _moe_layers(text: str) -> list:
-    if text.strip() == "all":
-        return ["all"]
-    try:
-        layers = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        layers = None
-    if not layers:
-        raise UsageError(f"--moe-layers {text!r}: expected 'all' or comma-separated integers like 0,2 (a model "
-                         "without MoE layers is not what this command trains)")
-    return layers
 
 
 def _check_out_dir(path: str) -> None:
@@ -136,27 +114,24 @@ def _interrupted_message(stop, args) -> str:
 
 
 def _configs(args, data):
-    from ..models import TransformerConfig
+    train_config = _train_config(args)
+    return model_config(args, len(data.vocab)), train_config
+
+
+def _train_config(args):
     from ..train.loop import TrainConfig
 
     if args.min_lr > args.lr:
         raise UsageError(f"--min-lr {args.min_lr:g} is above --lr {args.lr:g}; the floor of the cosine decay must "
                          "be at most the peak")
-    moe_layers = _moe_layers(args.moe_layers)
     try:
-        model_config = TransformerConfig(
-            vocab_size=len(data.vocab), d_model=args.d_model, n_layers=args.layers, n_heads=args.heads,
-            max_seq_len=args.seq_len, moe={name: getattr(args, name) for name in args.moe_options},
-            moe_layers=moe_layers, aux_coef=args.aux_coef, z_coef=args.z_coef,
-            noisy_coef=args.noisy_coef, dropout=args.dropout, dtype=args.dtype)
-        train_config = TrainConfig(
+        return TrainConfig(
             steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, min_lr=args.min_lr,
             warmup_steps=args.warmup, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
             eval_every=args.eval_every, eval_batches=args.eval_batches, seed=args.seed, device=args.device,
-            checkpoint_every=args.checkpoint_every)
+            checkpoint_every=args.checkpoint_every, grad_accum=args.grad_accum)
     except (ValueError, TypeError) as error:
         raise UsageError(str(error)) from None
-    return model_config, train_config
 
 
 def _communicator(expert_parallel: int):
@@ -176,6 +151,10 @@ def _communicator(expert_parallel: int):
 
 def run_train(args) -> int:
     from ..distributed import abort_on_error
+
+    if args.from_pretrained is not None:
+        from .finetune_command import run_finetune
+        return run_finetune(args, _train_config(args))
 
     comm = _communicator(args.expert_parallel)
     if comm.size == 1:

@@ -5,7 +5,8 @@ is wrong with it, with the numbers that show it and the `tinymoe train` line to 
     print(report.to_text())            # or json.dumps(report.to_dict())
 
 Checks (thresholds and their sources in doctor_rules.py): overfitting, routing collapse (load imbalance,
-starved experts, router entropy when recorded), tokens dropped by capacity, and the memory of a training
+starved experts, router entropy when recorded), tokens dropped by capacity, the balance of the rows the ranks
+of an expert-parallel run received (doctor_ranks.py), and the memory of a training
 step (tinymoe.train.estimate) against the machine's memory. The checkpoint's weights are never read: only
 its "meta" entry (np.load opens an .npz lazily, member by member).
 """
@@ -21,6 +22,7 @@ import numpy as np
 
 from ..models.transformer import TransformerConfig
 from .checkpoint import FORMAT_VERSION, CheckpointError
+from .doctor_ranks import check_rank_balance, rank_imbalance
 from .doctor_rules import Finding, check_dropped, check_memory, check_overfitting, check_routing
 from .estimate import estimate, format_bytes
 
@@ -34,14 +36,14 @@ TRAIN_FLAGS = {
     "top_k": ("--top-k", 2), "activation": ("--activation", "swiglu"), "router": ("--router", "softmax"),
     "capacity_factor": ("--capacity-factor", None), "n_shared_experts": ("--shared-experts", 0),
     "jitter": ("--jitter", 0.0), "bias_update_rate": ("--bias-update-rate", None), "aux_coef": ("--aux-coef", 0.01),
-    "expert_parallel": ("--expert-parallel", 1),
+    "expert_parallel": ("--expert-parallel", 1), "grad_accum": ("--grad-accum", 1),
 }
 
 # What `tinymoe doctor` would take.
 DOCTOR_FLAGS = {
     "RUN_DIR": "a training output directory (metrics.jsonl, summary.json, checkpoint.npz)",
     "--json": "print Report.to_dict() as JSON instead of text",
-    "--memory BYTES": "memory to check a step against (default: MemTotal of /proc/meminfo)",
+    "--memory BYTES": "memory to check a step against, e.g. 8G (default: MemTotal of /proc/meminfo)",
 }
 
 
@@ -192,7 +194,8 @@ def diagnose(run_dir, memory_bytes: int | None = None, memory_name: str = "RAM (
                       dropout=config.dropout, aux_coef=config.aux_coef)
     command = TrainCommand(run_dir, values)
     n_experts = config.moe.n_experts if config is not None else None
-    findings = [check_overfitting(rows, command), check_routing(rows, command, n_experts)]
+    findings = [check_overfitting(rows, command), check_routing(rows, command, n_experts),
+                check_rank_balance(rows, command)]
     if config is not None:
         findings.append(check_dropped(rows, command, config.moe.capacity_factor, config.moe.router))
     numbers = _key_numbers(rows, summary)
@@ -258,6 +261,9 @@ def _key_numbers(rows, summary) -> dict:
         dropped = [x for x in last.get("dropped_fraction") or [] if _finite(x)]
         if dropped:
             numbers["dropped_fraction"] = round(max(dropped), 4)
+        ranks = rank_imbalance(rows)
+        if ranks is not None:
+            numbers["max_over_mean_rows_received"] = round(max(ratio for _, ratio, _ in ranks[1]), 3)
     if _finite(summary.get("improvement_over_unigram")):
         numbers["improvement_over_unigram"] = round(summary["improvement_over_unigram"], 4)
     return numbers

@@ -42,7 +42,7 @@ the backward's transient gradients and the rest of the system."""
 
 @dataclass(frozen=True)
 class Finding:
-    kind: str              # "overfitting" | "routing_collapse" | "dropped_tokens" | "memory"
+    kind: str              # "overfitting" | "routing_collapse" | "dropped_tokens" | "memory" | "rank_imbalance"
     title: str
     evidence: dict         # the numbers (JSON-ready), including the step range they come from
     evidence_text: str     # the same, in one or two sentences

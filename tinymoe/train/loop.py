@@ -33,6 +33,7 @@ from .checkpoint import (RESUME_KEYS, CheckpointError, check_same_config, genera
 from .data import CharData
 from .distributed import ParallelTraining
 from .interrupt import DeferredInterrupt, TrainingInterrupted
+from .micro_batches import accumulated_step, micro_batched_loss, moe_counts
 from .metrics_log import METRICS_NAME, append_metrics, read_metrics, rewrite_metrics
 from .plots import plot_run
 from .progress import Progress
@@ -64,6 +65,8 @@ class Trainer:
             raise ValueError(f"seq_len={train_config.seq_len} exceeds the model's max_seq_len={model_config.max_seq_len}")
         self.model = MoETransformer(model_config, device=train_config.device, seed=train_config.seed)
         self.parallel = None if comm is None or comm.size == 1 else ParallelTraining(comm, train_config.batch_size)
+        if self.parallel and train_config.grad_accum > 1:
+            raise ValueError(f"grad_accum={train_config.grad_accum} does not work with expert parallelism yet")
         if self.parallel:  # before the optimizer: the expert parameters become this rank's slices
             self.parallel.prepare(self.model)
         self.is_main = self.parallel is None or self.parallel.is_main
@@ -74,7 +77,8 @@ class Trainer:
         self.schedule = WarmupCosine(self.optimizer, train_config.warmup_steps, train_config.steps, train_config.min_lr)
         self.batch_generator = np.random.default_rng(train_config.seed + 1)
         validation_generator = np.random.default_rng(train_config.seed + 2)
-        self.val_batches = [data.batch(validation_generator, "val", train_config.batch_size, train_config.seq_len)
+        self.val_batches = [data.batch(validation_generator, "val", train_config.batch_size * train_config.grad_accum,
+                                       train_config.seq_len)
                             for _ in range(train_config.eval_batches)]
         self.step, self.seconds, self.metrics = 0, 0.0, []
         self.window = self._empty_window()
@@ -187,8 +191,8 @@ class Trainer:
         if self.parallel:
             return self.parallel.evaluate(self.model, self.val_batches)
         self.model.eval()
-        with no_grad():
-            losses = [self.model.loss(x, y)[1]["cross_entropy"] for x, y in self.val_batches]
+        with no_grad():  # in micro-batches of batch_size: equal sizes, so their mean is the whole batch's
+            losses = [micro_batched_loss(self.model, x, y, self.config.grad_accum) for x, y in self.val_batches]
         self.model.train()
         return float(np.mean(losses))
 
@@ -232,14 +236,17 @@ class Trainer:
         return self.finish()
 
     def _train_step(self, progress) -> None:
-        config, model, window = self.config, self.model, self.window
+        config, model, window, layer_counts = self.config, self.model, self.window, None
         started = time.perf_counter()
-        inputs, targets = self.data.batch(self.batch_generator, "train", config.batch_size, config.seq_len)
+        inputs, targets = self.data.batch(self.batch_generator, "train", config.batch_size * config.grad_accum, config.seq_len)
         if self.parallel:  # this rank's share of the batch; gradients reduced; parts averaged over ranks
             try:
                 parts = self.parallel.step(model, self.optimizer, inputs, targets, config.grad_clip)
             except FloatingPointError as error:
                 raise self._diverged(f"{error} at step {self.step + 1}") from None
+        elif config.grad_accum > 1:
+            parts, layer_counts = accumulated_step(model, self.optimizer, inputs, targets, config.grad_accum,
+                config.grad_clip, lambda loss: self._diverged(f"the loss became {loss} at step {self.step + 1}"))
         else:
             total, parts = model.loss(inputs, targets)
             if not math.isfinite(parts["total"]):
@@ -248,6 +255,7 @@ class Trainer:
             total.backward()
             clip_grad_norm(self.optimizer.parameters(), config.grad_clip)
             self.optimizer.step()
+            layer_counts = moe_counts(model)  # per MoE layer (kept per expert, dropped fraction); host values
         self.schedule.step()
         self.step += 1
         elapsed = time.perf_counter() - started
@@ -258,9 +266,9 @@ class Trainer:
                 window["counts"][index] += counts[index]
                 window["dropped"][index].append(float(dropped[index]))
             self._accumulate_exchange(exchange)
-        for index, layer in enumerate(model.moe_layers() if not self.parallel else ()):  # host values: no sync
-            window["counts"][index] += layer.stats.kept_per_expert
-            window["dropped"][index].append(float(layer.stats.dropped_fraction))
+        for index, (kept, dropped) in enumerate(layer_counts or ()):
+            window["counts"][index] += kept
+            window["dropped"][index].append(dropped)
         for key in ("loss", "aux", "z"):
             window[key].append(float(parts["cross_entropy" if key == "loss" else key]))
         window["tokens"] += int(inputs.size)

@@ -27,9 +27,10 @@ class TrainConfig:
     device: str = "cpu"
     checkpoint_every: int | None = None  # steps between checkpoints; 0: at evaluations only; None: by time
     checkpoint_seconds: float = 120.0    # with checkpoint_every=None: save once this long has passed
+    grad_accum: int = 1                  # micro-batches of batch_size per optimizer step (accumulation.py)
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches"):
+        for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches", "grad_accum"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} must be a positive integer")
@@ -47,8 +48,6 @@ class TrainConfig:
             if not ok:
                 raise ValueError(f"{name}={value!r} must be {'> 0' if name == 'grad_clip' else '>= 0'}")
         self.device = normalize_device(self.device)
-
-
 
 
 def train_config_differences(saved: dict, config: TrainConfig) -> list:

@@ -1,0 +1,45 @@
+"""`tinymoe train --grad-accum N`: one optimizer step of the Trainer over N micro-batches of batch_size sequences
+(the gradient of the whole batch's mean loss, tinymoe.train.accumulation), and the validation loss of a batch
+computed in the same micro-batches (equal sizes: the mean of their means is the batch's mean)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..optim import clip_grad_norm
+from .accumulation import accumulate_gradients, split_batch
+
+
+def accumulated_step(model, optimizer, inputs, targets, n_micro_batches: int, grad_clip: float, diverged):
+    """zero_grad, accumulate over n micro-batches, clip, step. diverged(loss) -> the exception to raise when a
+    micro-batch's loss is not finite (before its backward: nothing non-finite reaches the weights).
+    Returns (parts averaged over the micro-batches, per MoE layer (kept per expert summed over them, dropped
+    fraction averaged))."""
+
+    def micro_loss(batch):
+        total, parts = model.loss(*batch)
+        if not math.isfinite(parts["total"]):
+            raise diverged(parts["total"])
+        return total, parts, moe_counts(model)
+
+    optimizer.zero_grad()
+    results = accumulate_gradients(model, micro_loss, split_batch((inputs, targets), n_micro_batches))
+    clip_grad_norm(optimizer.parameters(), grad_clip)
+    optimizer.step()
+    parts = {key: float(np.mean([result[1][key] for result in results])) for key in results[0][1]}
+    layers = [(sum(result[2][index][0] for result in results),
+               float(np.mean([result[2][index][1] for result in results]))) for index in range(len(results[0][2]))]
+    return parts, layers
+
+
+def moe_counts(model) -> list:
+    """Per MoE layer of the last forward: (kept per expert (E,) int64, dropped fraction): host values, no sync."""
+    return [(layer.stats.kept_per_expert, float(layer.stats.dropped_fraction)) for layer in model.moe_layers()]
+
+
+def micro_batched_loss(model, inputs, targets, n_micro_batches: int) -> float:
+    """The cross-entropy of (inputs, targets) as the mean over n equal micro-batches (call under no_grad); for
+    n = 1 exactly model.loss's."""
+    return float(np.mean([model.loss(*micro)[1]["cross_entropy"]
+                          for micro in split_batch((inputs, targets), n_micro_batches)]))
