@@ -154,59 +154,59 @@ class MoEConfig:
                                                   "training forward",
                                              paper="DeepSeek-V3 (Wang et al. 2024, loss-free balancing)")
     # ----- DeepSeek-V3, Qwen2-MoE, GPT-OSS and Switch options (defaults: off, today's behaviour) -----
-    n_groups: int = _option(1, check=_positive_int,
+    n_groups: int = _option(1, check=_positive_int, flag="groups",
                             help="split the experts into n_groups equal groups for group-limited routing "
                                  "(router='softmax' or 'sigmoid'; 1 = off)",
                             paper="DeepSeek-V3 (DeepSeek-AI 2024), node-limited routing; DeepSeek-V2 sec. 2.1.3")
-    topk_groups: int | None = _option(None, check=_optional_positive_int, none_means="all groups",
+    topk_groups: int | None = _option(None, check=_optional_positive_int, flag="topk-groups", none_means="all groups",
                                       help="only experts of the topk_groups best groups are eligible (a group "
                                            "scores the sum of its top-2 selection scores)",
                                       paper="DeepSeek-V3 (DeepSeek-AI 2024)")
-    routed_scaling_factor: float = _option(1.0, check=positive_finite,
+    routed_scaling_factor: float = _option(1.0, check=positive_finite, flag="routed-scaling-factor",
                                            help="multiply the routed experts' combine weights by this factor "
                                                 "(after normalisation)",
                                            paper="DeepSeek-V2/V3 (routed_scaling_factor)")
-    shared_d_ff: int | None = _option(None, check=_optional_positive_int, none_means="n_shared_experts·d_ff",
+    shared_d_ff: int | None = _option(None, check=_optional_positive_int, flag="shared-d-ff", none_means="n_shared_experts·d_ff",
                                       help="hidden width of the shared-expert block",
                                       paper="Qwen2-MoE (shared_expert_intermediate_size)")
-    shared_expert_gate: bool = _option(False, check=_flag,
+    shared_expert_gate: bool = _option(False, check=_flag, flag="shared-expert-gate",
                                        help="scale the shared experts' output by σ(x·w_gate), w_gate (1, d)",
                                        paper="Qwen2-MoE / Qwen1.5-MoE (shared_expert_gate)")
-    router_bias: bool = _option(False, check=_flag,
+    router_bias: bool = _option(False, check=_flag, flag="router-bias",
                                 help="router logits x·Wᵀ + b with a learned bias b (E,)", paper="GPT-OSS (OpenAI 2025)")
-    expert_bias: bool = _option(False, check=_flag,
+    expert_bias: bool = _option(False, check=_flag, flag="expert-bias",
                                 help="gated experts (swiglu, swiglu_clamped) get biases b1, b3 (E, ff) and b2 (E, d)",
                                 paper="GPT-OSS (OpenAI 2025)")
-    swiglu_alpha: float = _option(1.702, check=positive_finite,
+    swiglu_alpha: float = _option(1.702, check=positive_finite, flag="swiglu-alpha",
                                   help="activation='swiglu_clamped': gate·σ(alpha·gate)", paper="GPT-OSS (OpenAI 2025)")
-    swiglu_limit: float = _option(7.0, check=positive_finite,
+    swiglu_limit: float = _option(7.0, check=positive_finite, flag="swiglu-limit",
                                   help="activation='swiglu_clamped': gate clamped at +limit, up to ±limit",
                                   paper="GPT-OSS (OpenAI 2025)")
-    capacity_per: str = _option("batch", check=_one_of(CAPACITY_GROUPS), choices=CAPACITY_GROUPS,
+    capacity_per: str = _option("batch", check=_one_of(CAPACITY_GROUPS), flag="capacity-per", choices=CAPACITY_GROUPS,
                                 help="count capacity over all tokens of the batch, or per sequence x[b] of an "
                                      "input (..., L, d) (each sequence its own token group)",
                                 paper="GShard (Lepikhin et al. 2020) groups; Switch Transformer (Fedus et al. 2021)")
     # ----- adaptive compute and balance options (defaults: off, today's behaviour) -----
-    top_p: float | None = _option(None, check=_optional_probability, none_means="unset",
+    top_p: float | None = _option(None, check=_optional_probability, flag="top-p", none_means="unset",
                                   help="router='top_p': take experts by probability until their sum reaches "
                                        "top_p (1..top_k of them)",
                                   paper="Huang et al. 2024, Harder Tasks Need More Experts (they use p=0.4)")
-    n_null_experts: int = _option(0, check=_non_negative_int,
+    n_null_experts: int = _option(0, check=_non_negative_int, flag="null-experts",
                                   help="router='softmax': m extra router outputs whose experts compute nothing "
                                        "(a token choosing them uses fewer real experts)",
                                   paper="AdaMoE (Zeng et al. 2024)")
-    target_sparsity: float | None = _option(None, check=_optional_sparsity, none_means="1 - top_k/n_experts",
+    target_sparsity: float | None = _option(None, check=_optional_sparsity, flag="target-sparsity", none_means="1 - top_k/n_experts",
                                             help="router='relu': fraction of zero gates the adaptive L1 "
                                                  "coefficient steers towards",
                                             paper="ReMoE (Wang et al. 2025)")
-    l1_coefficient: float = _option(1e-8, check=positive_finite,
+    l1_coefficient: float = _option(1e-8, check=positive_finite, flag="l1-coefficient",
                                     help="router='relu': initial L1 coefficient λ0 (ReMoE: 1e-8)",
                                     paper="ReMoE (Wang et al. 2025), sec. 3.3")
-    l1_update_factor: float = _option(1.2, check=_factor_above_one,
+    l1_update_factor: float = _option(1.2, check=_factor_above_one, flag="l1-update-factor",
                                       help="router='relu': λ ← λ·α^sign(target − sparsity) per update (ReMoE: "
                                            "α = 1.2)",
                                       paper="ReMoE (Wang et al. 2025), eq. 7")
-    balance: str = _option("batch", check=_one_of(BALANCES), choices=BALANCES,
+    balance: str = _option("batch", check=_one_of(BALANCES), flag="balance", choices=BALANCES,
                            help="load-balance loss f_e counted per batch, per sequence x[b] of (..., L, d), or "
                                 "over every micro-batch of the optimizer step",
                            paper="batch: Switch; sequence: DeepSeek-V3 eq. 17-20; global: Qiu et al. 2025")
