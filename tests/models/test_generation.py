@@ -152,3 +152,58 @@ def test_bad_prompts_and_cache_misuse_raise():
             model(PROMPT[:1, :1], cache)
     with pytest.raises(RuntimeError, match="run decoding under tinymoe.no_grad"):
         model(PROMPT, model.new_cache(batch=2, capacity=8))
+
+
+@pytest.mark.parametrize("kernels", tm.kernels.available("cpu"))
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("case", ["mixtral_sliding", "qwen3_moe", "olmoe", "llama_tied_bias", "qwen3", "mixtral"])
+def test_decoding_fast_path_equals_the_regular_forward_bit_for_bit(case, dtype, kernels):
+    """next_token_logits (plain arrays, generate's path) against the Tensor forward: the same bits per step."""
+    model = HFCausalLM(CONFIGS[case], dtype=dtype, seed=3).eval()
+    ids = np.random.default_rng(2).integers(0, 13, (1, 9))  # 9 tokens: past the sliding window of 3
+    with tm.kernels.use(kernels), tm.no_grad():
+        regular_cache, fast_cache = model.new_cache(1, 9), model.new_cache(1, 9)
+        prefill_regular = model(ids[:, :4], regular_cache).numpy()[:, -1]
+        prefill_fast = model.next_token_logits(ids[:, :4], fast_cache)
+        # the prefill's head runs on the last row only (a GEMV instead of one GEMM over every row): rounding
+        np.testing.assert_allclose(prefill_fast, prefill_regular, rtol=0, atol=1e-5 if dtype == "float32" else 1e-12)
+        for t in range(4, 9):
+            regular = model(ids[:, t:t + 1], regular_cache).numpy()[:, -1]
+            fast = model.next_token_logits(ids[:, t:t + 1], fast_cache)
+            assert fast.dtype == np.dtype(dtype) and fast.shape == (1, 13)
+            np.testing.assert_array_equal(fast, regular)
+    assert fast_cache.length == regular_cache.length == 9
+
+
+def test_fast_path_batch_and_fallbacks_equal_the_forward():
+    """A batch of 2 (the MoE layers run their module) and grad mode (the regular forward) give its logits."""
+    model = model_of("qwen3_moe", seed=6)
+    with tm.no_grad():
+        regular_cache, fast_cache = model.new_cache(2, 6), model.new_cache(2, 6)
+        model(PROMPT, regular_cache), model.next_token_logits(PROMPT, fast_cache)
+        step = np.array([[3], [9]])
+        np.testing.assert_allclose(model.next_token_logits(step, fast_cache),
+                                   model(step, regular_cache).numpy()[:, -1], rtol=0, atol=1e-12)
+    with pytest.raises(RuntimeError, match="run decoding under tinymoe.no_grad"):
+        model.next_token_logits(PROMPT, model.new_cache(batch=2, capacity=8))
+    with tm.no_grad(), pytest.raises(ValueError, match=r"expected \[0, vocab_size=13\)"):
+        model.next_token_logits(np.array([[13]] * 2), model.new_cache(batch=2, capacity=8))
+
+
+def test_a_streamer_gets_the_prompt_then_each_token_as_transformers_streamers():
+    class Recorder:
+        def __init__(self):
+            self.calls = []
+
+        def put(self, ids):
+            self.calls.append(np.array(ids))
+
+        def end(self):
+            self.calls.append("end")
+
+    model, recorder = model_of("mixtral", seed=5), Recorder()
+    out = model.generate(PROMPT, max_new_tokens=3, streamer=recorder)
+    assert len(recorder.calls) == 5 and recorder.calls[-1] == "end"
+    np.testing.assert_array_equal(recorder.calls[0], PROMPT)
+    for step in range(3):
+        np.testing.assert_array_equal(recorder.calls[1 + step], out[:, 4 + step])

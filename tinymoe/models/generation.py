@@ -71,8 +71,15 @@ def sample_tokens(probs, generator) -> np.ndarray:
     return np.argmax(cdf > u[:, None], axis=-1).astype(np.int64)
 
 
+def step_logits(model, ids, cache):
+    """The logits (B, V) after ids (B, L) that follow the cache: the model's `next_token_logits` (a fast path
+    for decoding) where it has one, else the last position of its forward."""
+    fast = getattr(model, "next_token_logits", None)
+    return fast(ids, cache) if fast is not None else model(ids, cache).data[:, -1]
+
+
 def generate(model, prompt_ids, max_new_tokens: int = 64, temperature: float = 0.0, top_k=None, top_p=None,
-             seed=None, eos_token_id=None, pad_token_id=None, use_cache: bool = True) -> np.ndarray:
+             seed=None, eos_token_id=None, pad_token_id=None, use_cache: bool = True, streamer=None) -> np.ndarray:
     """Continue each prompt of prompt_ids (B, L) ints (equal lengths, no padding) by up to max_new_tokens.
 
     Returns ints (B, L + n), n <= max_new_tokens: decoding stops after max_new_tokens or once every
@@ -81,6 +88,8 @@ def generate(model, prompt_ids, max_new_tokens: int = 64, temperature: float = 0
     sequence is filled with pad_token_id, default the config's pad_token_id, else the (first) eos id, as
     transformers does. temperature 0 = greedy; > 0 samples (with top_k, top_p; module docstring) from
     numpy.random.default_rng(seed). use_cache=False recomputes the whole context each step (a reference).
+    streamer: None or an object with put(ids) and end(), as transformers' streamers: put gets the prompt
+    (B, L), then each step's tokens (B,) as soon as they are chosen; end() once decoding stops.
     Runs in eval mode under no_grad; the model's mode is restored after.
     """
     ids = np.asarray(to_numpy(prompt_ids) if hasattr(prompt_ids, "__cuda_array_interface__") else prompt_ids)
@@ -103,22 +112,28 @@ def generate(model, prompt_ids, max_new_tokens: int = 64, temperature: float = 0
     try:
         with no_grad():
             cache = model.new_cache(batch, length + max_new_tokens) if use_cache else None
-            logits = model(tokens, cache) if use_cache else None
+            if streamer is not None:
+                streamer.put(tokens.copy())
+            last = step_logits(model, tokens, cache) if use_cache else None
             for _ in range(max_new_tokens):
                 if not use_cache:
-                    logits = model(tokens)
-                last = to_numpy(logits.data[:, -1]).astype(np.float64)
+                    last = model(tokens).data[:, -1]
+                last = to_numpy(last).astype(np.float64)
                 if temperature == 0:
                     chosen = np.argmax(last, axis=-1).astype(np.int64)
                 else:
                     chosen = sample_tokens(next_token_distribution(last, temperature, top_k, top_p), generator)
                 chosen = np.where(finished, pad_token_id, chosen)
                 tokens = np.concatenate([tokens, chosen[:, None]], axis=1)
+                if streamer is not None:
+                    streamer.put(chosen.copy())
                 finished |= np.isin(chosen, eos)
                 if finished.all():
                     break
                 if use_cache:
-                    logits = model(chosen[:, None], cache)
+                    last = step_logits(model, chosen[:, None], cache)
+        if streamer is not None:
+            streamer.end()
     finally:
         model.train(was_training)
     return tokens

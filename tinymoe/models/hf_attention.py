@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..functional.grouped_attention import grouped_query_attention
-from ..functional.rotary import apply_rotary, rotary_frequencies
+from ..engine.function import Context
+from ..functional.grouped_attention import GroupedQueryAttention, grouped_query_attention
+from ..functional.linear import Linear as LinearOp
+from ..functional.norms import RMSNorm as RMSNormOp
+from ..functional.rotary import RotaryEmbedding, apply_rotary, rotary_frequencies
 from ..nn import Linear, Module, RMSNorm
 from .hf_config import HFModelSpec
 
@@ -81,6 +84,35 @@ class HFAttention(Module):
             k, v = cache.update(self.layer, k, v)
         attended = grouped_query_attention(q, k, v, causal=True, sliding_window=self.sliding_window, scale=self.scale)
         return self.o_proj(attended.transpose(0, 2, 1, 3).reshape(batch, length, self.num_heads * self.head_dim))
+
+    def forward_arrays(self, x, rotation, cache):
+        """`forward` on plain arrays for decoding under no_grad: the same ops' forwards in the same order (so the
+        same values, bit for bit), without Tensors, graph, argument checks or module calls. x (B, L, hidden);
+        rotation: `rotary_tables(positions, dtype)` of the model's first layer (every layer's rope is the
+        spec's); cache: a KVCache (required: this path is for cached decoding)."""
+        batch, length, _ = x.shape
+        ctx = Context(np, (), False)
+        q, k, v = (LinearOp.forward(ctx, x, projection.weight.data, None if projection.bias is None else
+                                    projection.bias.data) for projection in (self.q_proj, self.k_proj, self.v_proj))
+        if self.qk_norm == "all":
+            q, k = (RMSNormOp.forward(ctx, a, norm.weight.data, norm.eps) for a, norm in ((q, self.q_norm), (k, self.k_norm)))
+        q, k, v = (a.reshape(batch, length, -1, self.head_dim) for a in (q, k, v))
+        if self.qk_norm == "head":
+            q, k = (RMSNormOp.forward(ctx, a, norm.weight.data, norm.eps) for a, norm in ((q, self.q_norm), (k, self.k_norm)))
+        q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
+        cos, sin = rotation
+        q, k = (RotaryEmbedding.forward(ctx, a, cos, sin, self.rope_layout, self.rotary_dim) for a in (q, k))
+        k, v = cache.append(self.layer, k, v)
+        attended = GroupedQueryAttention.forward(ctx, q, k, v, None, True, self.sliding_window, self.scale)
+        rows = attended.transpose(0, 2, 1, 3).reshape(batch, length, self.num_heads * self.head_dim)
+        return LinearOp.forward(ctx, rows, self.o_proj.weight.data,
+                                None if self.o_proj.bias is None else self.o_proj.bias.data)
+
+    def rotary_tables(self, positions, dtype):
+        """(cos, sin) (1, 1, L, rotary_dim/2) of `apply_rotary` for positions (L,), cast to dtype."""
+        angles = positions.astype(np.float64)[..., None] * np.asarray(self.inv_freq, dtype=np.float64)
+        angles = angles.reshape(1, 1, len(positions), -1)
+        return ((np.cos(angles) * self.rope_scaling).astype(dtype), (np.sin(angles) * self.rope_scaling).astype(dtype))
 
     def extra_repr(self):
         return (f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "

@@ -11,6 +11,7 @@ The cache is for inference only: its buffers hold plain arrays, so no gradient f
 from __future__ import annotations
 
 from ..engine.autograd import is_grad_enabled
+from ..engine.backend import array_module
 from ..engine.checks import require_int
 from ..engine.tensor import Tensor
 
@@ -35,6 +36,12 @@ class KVCache:
         return (all keys, all values) as Tensors (B, Hkv, length + L, ·) that share the buffers' memory."""
         if is_grad_enabled() and (keys.requires_grad or values.requires_grad):
             raise RuntimeError("KVCache.update: the cache is for inference; run decoding under tinymoe.no_grad()")
+        keys, values = self.append(layer, keys.data, values.data)
+        return Tensor(keys), Tensor(values)
+
+    def append(self, layer: int, keys, values):
+        """`update` on plain arrays (the decoding fast path): write keys (B, Hkv, L, D) and values (B, Hkv, L, Dv)
+        in place after the cached ones and return views (B, Hkv, length + L, ·) of the buffers."""
         if keys.shape[0] != self.batch:
             raise ValueError(f"KVCache.update: keys have batch {keys.shape[0]}, the cache was made for {self.batch}")
         new = keys.shape[2]
@@ -42,12 +49,12 @@ class KVCache:
         if end > self.capacity:
             raise ValueError(f"KVCache.update: {self.length} cached + {new} new tokens exceed capacity={self.capacity}")
         if self._keys[layer] is None:
-            xp = keys.xp
+            xp = array_module(keys)
             self._keys[layer] = xp.zeros(keys.shape[:2] + (self.capacity, keys.shape[3]), dtype=keys.dtype)
             self._values[layer] = xp.zeros(values.shape[:2] + (self.capacity, values.shape[3]), dtype=values.dtype)
-        self._keys[layer][:, :, self.length:end] = keys.data
-        self._values[layer][:, :, self.length:end] = values.data
-        return Tensor(self._keys[layer][:, :, :end]), Tensor(self._values[layer][:, :, :end])
+        self._keys[layer][:, :, self.length:end] = keys
+        self._values[layer][:, :, self.length:end] = values
+        return self._keys[layer][:, :, :end], self._values[layer][:, :, :end]
 
     def advance(self, new_tokens: int) -> None:
         """Count `new_tokens` more cached tokens (after every layer has called `update` with them)."""
