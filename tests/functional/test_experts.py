@@ -162,3 +162,101 @@ def test_shapes_and_dtypes_are_checked():
         mlp_experts(xs, w1, b2, w2, b2, OFFSETS, "relu")
     with pytest.raises(ValueError, match="activation='swiglu' is not supported; expected one of"):
         mlp_experts(xs, w1, b1, w2, b2, OFFSETS, "swiglu")
+
+
+# ----- the schedule: expert blocks over the CPU cores with one-thread BLAS (functional/experts.py) ------------
+def _blas_threads():
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    return [pool["num_threads"] for pool in threadpoolctl.threadpool_info() if pool["user_api"] == "blas"]
+
+
+def _float32_problem(seed=0, offsets=(0, 70, 70, 200, 321)):
+    rng = np.random.default_rng(seed)
+    arrays = (rng.standard_normal((offsets[-1], 48)), 0.2 * rng.standard_normal((4, 40, 48)),
+              0.2 * rng.standard_normal((4, 40, 48)), 0.2 * rng.standard_normal((4, 48, 40)))
+    return [a.astype(np.float32) for a in arrays], list(offsets)
+
+
+def _step(arrays, offsets, cotangent_seed=9):
+    tensors = [tm.tensor(a, requires_grad=True) for a in arrays]
+    out = swiglu_experts(*tensors, offsets)
+    cotangent = np.random.default_rng(cotangent_seed).standard_normal(out.shape).astype(np.float32)
+    out.backward(tm.tensor(cotangent))
+    return [out.numpy()] + [t.grad for t in tensors]
+
+
+def _serial(monkeypatch):
+    """Force the in-order schedule, as without threadpoolctl."""
+    import tinymoe.functional.experts as experts_module
+    monkeypatch.setitem(experts_module._pool, "controller", False)
+
+
+def test_threaded_schedule_matches_float64_loops_and_restores_the_blas_threads():
+    before = _blas_threads()
+    arrays, offsets = _float32_problem()
+    out = _step(arrays, offsets)[0]
+    expected = swiglu_by_loops(*(a.astype(np.float64) for a in arrays), offsets)
+    np.testing.assert_allclose(out, expected, rtol=2e-4, atol=2e-4)
+    assert _blas_threads() == before  # the one-thread limit lasted for the region only
+    import tinymoe.functional.experts as experts_module
+    if experts_module._cores() >= 2:
+        assert experts_module._pool["executor"] is not None  # the blocks did go over the pool
+
+
+def test_results_are_deterministic_and_the_same_in_order_or_over_threads(monkeypatch):
+    arrays, offsets = _float32_problem(1)
+    threaded = [_step(arrays, offsets) for _ in range(3)]
+    for run in threaded[1:]:
+        for first, again in zip(threaded[0], run):
+            np.testing.assert_array_equal(first, again)
+    _serial(monkeypatch)
+    for first, serial in zip(threaded[0], _step(arrays, offsets)):
+        np.testing.assert_allclose(serial, first, rtol=1e-5, atol=1e-5)  # BLAS may split sums differently
+
+
+def test_concurrent_calls_from_two_threads_are_right_and_restore_the_blas_threads():
+    import threading
+    before = _blas_threads()
+    arrays, offsets = _float32_problem(2)
+    expected = _step(arrays, offsets)
+    results, errors = [None] * 4, []
+
+    def worker(i):
+        try:
+            results[i] = _step(arrays, offsets)
+        except Exception as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    for result in results:
+        for got, want in zip(result, expected):
+            np.testing.assert_array_equal(got, want)
+    assert _blas_threads() == before
+
+
+def test_a_kernel_without_out_gives_the_same_gradients():
+    """An implementation whose swiglu_backward takes no out= (like the CuPy one) goes through a concatenation."""
+    import types
+    from tinymoe.kernels import reference
+
+    def swiglu_backward(a, b, grad_h):
+        return reference.swiglu_backward(a, b, grad_h)
+    spy = types.SimpleNamespace(**{name: getattr(reference, name) for name in kernels.PRIMITIVES})
+    spy.swiglu_backward = swiglu_backward
+    kernels.register("no-out", spy, "cpu")
+    try:
+        inputs = swiglu_inputs()
+        with kernels.use("no-out"):
+            swiglu_experts(*inputs, OFFSETS).sum().backward()
+        without_out = [t.grad.copy() for t in inputs]
+        fresh = swiglu_inputs()
+        with kernels.use("numpy"):
+            swiglu_experts(*fresh, OFFSETS).sum().backward()
+        for got, want in zip(without_out, (t.grad for t in fresh)):
+            np.testing.assert_array_equal(got, want)
+    finally:
+        kernels.unregister("no-out")

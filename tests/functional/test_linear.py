@@ -122,3 +122,23 @@ def test_matmul_rejects_bad_input(device):
         F.matmul(a, np.zeros((3, 1)))
     with pytest.raises(TypeError, match=r"\bb is float32 but a is float64"):
         F.matmul(a, leaf(np.zeros((3, 1)), device, dtype="float32"))
+
+
+@pytest.mark.parametrize("out_features", [8, 17])  # a router's few experts (einsum loops) and a wider layer (BLAS)
+def test_linear_input_gradient_on_both_sides_of_the_small_inner_dimension(device, out_features):
+    from tinymoe.functional.linear import SMALL_INNER_DIMENSION
+    assert 8 <= SMALL_INNER_DIMENSION < 17  # so the two cases take the two paths
+    rng = np.random.default_rng(5)
+    x, weight = rng.standard_normal((6, 5)), rng.standard_normal((out_features, 5))
+    assert tm.gradcheck(F.linear, [leaf(x, device), leaf(weight, device)])
+    x32 = rng.standard_normal((300, 64)).astype(np.float32)
+    w32 = (0.1 * rng.standard_normal((out_features, 64))).astype(np.float32)
+    cotangent = rng.standard_normal((300, out_features)).astype(np.float32)
+    grads = []
+    for _ in range(2):
+        x_leaf = leaf(x32, device, dtype="float32")
+        (F.linear(x_leaf, leaf(w32, device, dtype="float32")) * tm.tensor(cotangent, device=device)).sum().backward()
+        grads.append(host(x_leaf.grad))
+    np.testing.assert_array_equal(grads[0], grads[1])  # deterministic
+    exact = cotangent.astype(np.float64) @ w32.astype(np.float64)
+    np.testing.assert_allclose(grads[0], exact, rtol=1e-5, atol=1e-5)

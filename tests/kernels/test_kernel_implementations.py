@@ -4,6 +4,8 @@ Cases come from Hypothesis: T, d, K ≤ E, E, empty experts, every token on one 
 capacity 0), valid masks, T = 1. float32/float64 everywhere, float16 on CUDA (compared with the float64
 reference of the same inputs, since the kernels accumulate float16 in float32).
 """
+import inspect
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -234,3 +236,56 @@ def test_implementations_expose_every_primitive(name):
     module = kernels.implementation(module_for_device(device).zeros(1), name)
     for primitive in kernels.PRIMITIVES:
         assert callable(getattr(module, primitive)), f"{name} lacks {primitive}"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_swiglu_reads_the_halves_of_one_buffer_and_writes_into_out(device, dtype):
+    """The experts' layout: a, b = the two halves of [a | b] (n, 2ff); out=(da, db) the halves of [da | db].
+    Every implementation taking out= must fill it; the values match the reference on contiguous copies."""
+    rng = np.random.default_rng(3)
+    gate_up = (4 * rng.standard_normal((37, 2 * 19))).astype(dtype)
+    grad_h = random_rows(rng, (37, 19), dtype)
+    a, b = np.ascontiguousarray(gate_up[:, :19]), np.ascontiguousarray(gate_up[:, 19:])
+    gate_up_dev, grad_dev = to_device(device, gate_up, grad_h)
+    xp = module_for_device(device)
+    for implementation in [reference] + fast_implementations(device):
+        halves = gate_up_dev[:, :19], gate_up_dev[:, 19:]
+        check(implementation.swiglu(*halves), (a, b), "swiglu", dtype)
+        check(implementation.swiglu_backward(*halves, grad_dev), (a, b, grad_h), "swiglu_backward", dtype)
+        if "out" not in inspect.signature(implementation.swiglu_backward).parameters:
+            continue
+        joint = xp.full((37, 2 * 19), np.nan, dtype=dtype)
+        grad_a, grad_b, h = implementation.swiglu_backward(*halves, grad_dev, out=(joint[:, :19], joint[:, 19:]))
+        expected_a, expected_b, expected_h = reference.swiglu_backward(a, b, grad_h)
+        expected_joint = np.concatenate([expected_a, expected_b], axis=1)
+        np.testing.assert_allclose(to_numpy(joint), expected_joint, **tolerance(dtype))
+        np.testing.assert_array_equal(to_numpy(grad_a), to_numpy(joint[:, :19]))
+        np.testing.assert_allclose(to_numpy(h), expected_h, **tolerance(dtype))
+        np.testing.assert_array_equal(to_numpy(gate_up_dev), gate_up)  # inputs untouched
+
+
+@pytest.mark.skipif(not kernels.is_available("numba", "cpu"), reason="needs numba")
+def test_numba_swiglu_backward_refuses_an_out_it_cannot_fill():
+    from tinymoe.kernels import numba_cpu
+    a = np.ones((4, 3), np.float32)
+    message = r"swiglu_backward: out db must be a 2-D float32 NumPy array of shape \(4, 3\)"
+    with pytest.raises(ValueError, match=message):
+        numba_cpu.swiglu_backward(a, a, a, out=(np.empty((4, 3), np.float32), np.empty((4, 2), np.float32)))
+    with pytest.raises(ValueError, match="out da must be a 2-D float32"):
+        numba_cpu.swiglu_backward(a, a, a, out=(np.empty((4, 3), np.float64), np.empty((4, 3), np.float32)))
+
+
+@pytest.mark.skipif(not kernels.is_available("numba", "cpu"), reason="needs numba")
+@pytest.mark.parametrize("n_rows, width", [(0, 3), (1, 1), (1, 4), (5, 1), (6, 9)])
+def test_numba_swiglu_on_halves_of_every_small_shape(n_rows, width):
+    from tinymoe.kernels import numba_cpu
+    rng = np.random.default_rng(n_rows * 10 + width)
+    gate_up, grad_h = rng.standard_normal((n_rows, 2 * width)), rng.standard_normal((n_rows, width))
+    a, b = gate_up[:, :width], gate_up[:, width:]
+    sigma = 1 / (1 + np.exp(-a))  # the formula, in float64
+    joint = np.full_like(gate_up, np.nan)
+    grad_a, grad_b, h = numba_cpu.swiglu_backward(a, b, grad_h, out=(joint[:, :width], joint[:, width:]))
+    np.testing.assert_allclose(numba_cpu.swiglu(a, b), a * sigma * b, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(h, a * sigma * b, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(joint[:, :width], grad_h * b * sigma * (1 + a * (1 - sigma)), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(joint[:, width:], grad_h * a * sigma, rtol=1e-12, atol=1e-12)

@@ -8,9 +8,16 @@ expert is a few dense matmuls on one contiguous block (weights in torch layout: 
 
 The public functions check shapes, dtypes and offsets; the `*_unchecked` entries take the same arguments and
 check nothing (inputs trusted: they come from a RoutingPlan and an Experts module). The SwiGLU kernels are
-looked up once in forward (`tinymoe.kernels`) and kept on `ctx` for backward.
+looked up once in forward (`tinymoe.kernels`) and kept on `ctx` for backward. On the CPU, SwiGLU expert blocks
+run over a pool of one thread per core, each with one-thread BLAS (`run_blocks`: what it changes and when).
 """
 from __future__ import annotations
+
+import functools
+import inspect
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -36,14 +43,86 @@ def _zero_idle(grads, offsets):
                 grad[expert] = 0
 
 
+# ----- expert blocks over the CPU cores ----------------------------------------------------------------------
+# On the CPU the blocks of NumPy arrays are spread over a pool of one thread per core, each running one-thread
+# BLAS (NumPy releases the GIL in matmul), largest block first: whole experts in parallel beat every GEMM
+# split over all cores (a cpu-small MoE step on 2 cores: ~5% faster when the machine is idle, ~45% when other
+# processes hold a core, as a core taken away then delays one block, not every GEMM's threads;
+# perf/prototype_moe_step.py). Each block writes only its own rows and its own
+# expert's gradients, and one thread computes all of a block, so results do not depend on the schedule.
+# The one-thread BLAS limit is process-wide state (OpenBLAS has no per-thread setting): it is set through
+# threadpoolctl, when importable, for the duration of the region only and restored after (the first of
+# concurrent regions sets it, the last restores it). BLAS calls other threads make meanwhile run on one
+# thread too. Without threadpoolctl, a single core, a single block or CuPy arrays, blocks run in order.
+_pool_lock = threading.Lock()
+_pool = {"executor": None, "workers": 0, "controller": None, "limiter": None, "regions": 0}
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _blas_controller():
+    """threadpoolctl's controller of the loaded BLAS libraries, found once; None without threadpoolctl."""
+    if _pool["controller"] is None:
+        try:
+            from threadpoolctl import ThreadpoolController
+        except ImportError:
+            _pool["controller"] = False
+        else:
+            blas = ThreadpoolController().select(user_api="blas")
+            _pool["controller"] = blas if blas.lib_controllers else False  # no BLAS it can limit: run in order
+    return _pool["controller"] or None
+
+
+def _enter_single_thread_blas():
+    with _pool_lock:
+        if _pool["regions"] == 0:
+            _pool["limiter"] = _pool["controller"].limit(limits=1)
+        _pool["regions"] += 1
+
+
+def _leave_single_thread_blas():
+    with _pool_lock:
+        _pool["regions"] -= 1
+        if _pool["regions"] == 0:
+            _pool["limiter"].restore_original_limits()
+            _pool["limiter"] = None
+
+
+def run_blocks(work, blocks, like):
+    """[work(block) for block in blocks], on the CPU's cores when that pays (see above); `like`: an input array.
+
+    blocks: tuples whose [1], [2] are the block's first and end row (their size orders the schedule).
+    """
+    cores = min(_cores(), len(blocks))
+    nested = threading.current_thread().name.startswith("tinymoe-experts")  # never wait on our own pool
+    if cores < 2 or nested or not isinstance(like, np.ndarray) or _blas_controller() is None:
+        return [work(block) for block in blocks]
+    with _pool_lock:
+        if _pool["workers"] < cores:
+            _pool["executor"] = ThreadPoolExecutor(cores, thread_name_prefix="tinymoe-experts")
+            _pool["workers"] = cores
+        executor = _pool["executor"]
+    largest_first = sorted(range(len(blocks)), key=lambda i: blocks[i][1] - blocks[i][2])
+    _enter_single_thread_blas()
+    try:
+        results = dict(zip(largest_first, executor.map(lambda i: work(blocks[i]), largest_first)))
+    finally:
+        _leave_single_thread_blas()
+    return [results[i] for i in range(len(blocks))]
+
+
 class SwiGLUExperts(Function):
     """y[rows of e] = (silu(x w1[e]ᵀ) ⊙ x w3[e]ᵀ) w2[e]ᵀ for each expert e.
 
-    Works one expert block at a time and saves only a = x w1ᵀ and b = x w3ᵀ per block (none under no_grad);
-    h = silu(a)⊙b comes back from the backward kernel's single pass over (a, b). Block-sized temporaries
-    are also what the allocator can reuse from step to step (whole (M, ff) arrays are fresh pages each time).
+    w1[e] and w3[e] act as one stacked weight w13 = [w1[e]; w3[e]] (2ff, d), built per expert block (a 2ff·d
+    copy, small next to the matmuls): one GEMM gives [a | b] = x w13ᵀ (n, 2ff), and the backward needs one GEMM
+    for dx and none for a temporary, 6 GEMMs per expert instead of 9. Only [a | b] is saved per block (none
+    under no_grad); h = silu(a)⊙b comes back from the backward kernel's single pass over (a, b).
     Backward per expert block, with dh = dy w2[e]:
-    (da, db, h) = swiglu'(a, b; dh);  dw2[e] = dyᵀ h;  dw1[e] = daᵀ x;  dw3[e] = dbᵀ x;  dx = da w1[e] + db w3[e].
+    (da, db, h) = swiglu'(a, b; dh);  dw2[e] = dyᵀ h;  dw1[e] = daᵀ x;  dw3[e] = dbᵀ x;  dx = [da | db] w13.
+    dx sums over the 2ff columns in one product, so its bits differ from computing da w1 + db w3 in two.
     """
 
     fresh_gradients = True
@@ -52,15 +131,16 @@ class SwiGLUExperts(Function):
     def forward(ctx, xs, w1, w3, w2, offsets):
         xp = ctx.xp
         ctx.kernels = implementation(xs)
-        swiglu = ctx.kernels.swiglu
+        swiglu, d_ff = ctx.kernels.swiglu, w1.shape[1]
         out = xp.empty((xs.shape[0], w2.shape[1]), xs.dtype)
-        saved = []
-        for expert, start, stop in _blocks(offsets):
-            x_block = xs[start:stop]
-            gate, up = x_block @ w1[expert].T, x_block @ w3[expert].T
-            xp.matmul(swiglu(gate, up), w2[expert].T, out=out[start:stop])
-            if ctx.requires_grad:
-                saved.append((expert, start, stop, gate, up))
+
+        def expert_forward(block):
+            expert, start, stop = block
+            gate_up = xs[start:stop] @ _stacked(xp, w1, w3, expert).T              # (n, 2ff) = [a | b]
+            xp.matmul(swiglu(gate_up[:, :d_ff], gate_up[:, d_ff:]), w2[expert].T, out=out[start:stop])
+            return (expert, start, stop, gate_up) if ctx.requires_grad else None
+
+        saved = [block for block in run_blocks(expert_forward, list(_blocks(offsets)), xs) if block is not None]
         ctx.save_for_backward(xs, w1, w3, w2, saved)
         ctx.offsets = offsets
         return out
@@ -69,20 +149,50 @@ class SwiGLUExperts(Function):
     def backward(ctx, grad):
         xp = ctx.xp
         xs, w1, w3, w2, saved = ctx.saved_tensors
-        swiglu_backward = ctx.kernels.swiglu_backward
+        d_ff = w1.shape[1]
         grad_w1, grad_w3, grad_w2 = xp.empty_like(w1), xp.empty_like(w3), xp.empty_like(w2)
         _zero_idle((grad_w1, grad_w3, grad_w2), ctx.offsets)
         grad_xs = xp.empty_like(xs) if ctx.needs_input_grad[0] else None
-        for expert, start, stop, gate, up in saved:
+
+        def expert_backward(block):
+            expert, start, stop, gate_up = block
             x_block, grad_block = xs[start:stop], grad[start:stop]
-            grad_gate, grad_up, activated = swiglu_backward(gate, up, grad_block @ w2[expert])
+            grad_gate_up, activated = _swiglu_backward(ctx.kernels, xp, gate_up, grad_block @ w2[expert])
             xp.matmul(grad_block.T, activated, out=grad_w2[expert])
-            xp.matmul(grad_gate.T, x_block, out=grad_w1[expert])
-            xp.matmul(grad_up.T, x_block, out=grad_w3[expert])
+            xp.matmul(grad_gate_up[:, :d_ff].T, x_block, out=grad_w1[expert])
+            xp.matmul(grad_gate_up[:, d_ff:].T, x_block, out=grad_w3[expert])
             if grad_xs is not None:
-                xp.matmul(grad_gate, w1[expert], out=grad_xs[start:stop])
-                grad_xs[start:stop] += grad_up @ w3[expert]
+                xp.matmul(grad_gate_up, _stacked(xp, w1, w3, expert), out=grad_xs[start:stop])
+
+        run_blocks(expert_backward, saved, xs)
         return grad_xs, grad_w1, grad_w3, grad_w2
+
+
+def _stacked(xp, w1, w3, expert):
+    """w13 = [w1[expert]; w3[expert]] (2ff, d): the gate and up projections as one weight."""
+    return xp.concatenate((w1[expert], w3[expert]))
+
+
+@functools.lru_cache(maxsize=None)
+def _writes_into(kernel) -> bool:
+    """Whether a swiglu_backward kernel takes `out=(da, db)` (Numba's and the reference do; others may not)."""
+    try:
+        return "out" in inspect.signature(kernel).parameters
+    except (TypeError, ValueError):  # no signature to read (a builtin or C function)
+        return False
+
+
+def _swiglu_backward(kernels, xp, gate_up, grad_h):
+    """([da | db] (n, 2ff), h (n, ff)) from the saved [a | b] (n, 2ff) and dh (n, ff): one kernel pass."""
+    d_ff = grad_h.shape[1]
+    gate, up = gate_up[:, :d_ff], gate_up[:, d_ff:]
+    if _writes_into(kernels.swiglu_backward):
+        grad_gate_up = xp.empty_like(gate_up)
+        halves = grad_gate_up[:, :d_ff], grad_gate_up[:, d_ff:]
+        _, _, activated = kernels.swiglu_backward(gate, up, grad_h, out=halves)
+        return grad_gate_up, activated
+    grad_gate, grad_up, activated = kernels.swiglu_backward(gate, up, grad_h)
+    return xp.concatenate((grad_gate, grad_up), axis=1), activated
 
 
 class MLPExperts(Function):

@@ -29,12 +29,26 @@ class Linear(Function):
         x, weight = ctx.saved_tensors
         out_features, in_features = weight.shape
         grad_rows = grad.reshape(-1, out_features)
-        grad_x = (grad_rows @ weight).reshape(x.shape) if ctx.needs_input_grad[0] else None
+        grad_x = _rows_times_weight(grad_rows, weight).reshape(x.shape) if ctx.needs_input_grad[0] else None
         grad_weight = grad_rows.T @ x.reshape(-1, in_features) if ctx.needs_input_grad[1] else None
         if not ctx.has_bias:
             return grad_x, grad_weight
         grad_bias = grad_rows.sum(axis=0) if ctx.needs_input_grad[2] else None
         return grad_x, grad_weight, grad_bias
+
+
+# A router's backward dx = g @ W has a tiny inner dimension (E experts, often 8): OpenBLAS splits such a GEMM
+# over its threads, and right after the parallel dispatch kernels (whose OpenMP threads still spin) it took
+# 3-25 ms at (4096, 8) @ (8, 512) on a 2-core machine; einsum's single-threaded loops take ~1.6-2.8 ms every
+# time, summing over the inner index in a fixed order (deterministic). perf/prototype_linear.py measures it.
+SMALL_INNER_DIMENSION = 16
+
+
+def _rows_times_weight(grad_rows, weight):
+    """grad_rows (N, out) @ weight (out, in) -> (N, in); NumPy's einsum loops when `out` is tiny (see above)."""
+    if isinstance(grad_rows, np.ndarray) and weight.shape[0] <= SMALL_INNER_DIMENSION and grad_rows.shape[0] > 1:
+        return np.einsum("no,oi->ni", grad_rows, weight)
+    return grad_rows @ weight
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:

@@ -103,11 +103,17 @@ def swiglu(a, b):
     return a * sigmoid(a) * b
 
 
-def swiglu_backward(a, b, grad_h):
+def swiglu_backward(a, b, grad_h, out=None):
     """(da, db, h): da = g · b · σ(a)·(1 + a·(1 − σ(a))), db = g · a·σ(a), and h = a·σ(a)·b itself, from
-    the same σ(a) (the experts' backward needs h for dw2; returning it saves a second pass)."""
+    the same σ(a) (the experts' backward needs h for dw2; returning it saves a second pass).
+
+    out: None, or (da, db) arrays of a's shape to write into (e.g. the two halves of one (n, 2ff) buffer).
+    """
     sigma = sigmoid(a)
     silu = a * sigma
     grad_b = grad_h * silu
     grad_a = grad_h * b * sigma * (1 + a * (1 - sigma))
+    if out is not None:
+        out[0][...], out[1][...] = grad_a, grad_b
+        grad_a, grad_b = out
     return grad_a, grad_b, silu * b

@@ -6,6 +6,7 @@ from .hf_model import HFCausalLM
 from .kv_cache import KVCache
 from .pretrained import from_pretrained
 from .transformer import MoETransformer, TransformerConfig
+from .upcycle import upcycle
 
 __all__ = ["CheckpointError", "HFCausalLM", "HFModelSpec", "KVCache", "MoETransformer", "SUPPORTED_MODEL_TYPES",
-           "TransformerConfig", "from_pretrained", "parse_hf_config"]
+           "TransformerConfig", "from_pretrained", "parse_hf_config", "upcycle"]
