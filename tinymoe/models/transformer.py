@@ -5,7 +5,8 @@
     h   = h + FFN(RMSNorm(h))              an MoE layer, or a dense SwiGLU block, per layer
     logits = RMSNorm(h) Eᵀ                  output head tied to the token embedding
 
-    loss = cross_entropy + Σ_layers (aux_coef · aux + z_coef · z [+ noisy_coef · (importance + load)])
+    loss = cross_entropy + Σ_layers (aux_coef · aux + z_coef · z [+ noisy_coef · (importance + load)]
+                                     [+ entropy_coef · H(p) (top_p)] [+ l1 (relu: λ inside)])
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from ..engine.checks import check_finite, finite_checks_enabled, require_int, re
 from ..engine.random import as_generator
 from ..engine.tensor import Tensor
 from ..nn import Dropout, Embedding, Linear, Module, ModuleList, MoE, MoEConfig, RMSNorm, SwiGLU
+from .transformer_generation import can_cache, generate_tokens
 
 
 # The MoE options of the flat model configs of earlier releases (checkpoints written by them still load).
@@ -50,6 +52,7 @@ class TransformerConfig:
     aux_coef: float = 0.01
     z_coef: float = 0.001
     noisy_coef: float = 0.01
+    entropy_coef: float = 0.0  # router='top_p': weight of the mean router entropy (Huang et al. 2024)
     dropout: float = 0.0
     dtype: str = "float32"
 
@@ -64,7 +67,7 @@ class TransformerConfig:
         bad = [index for index in layers if not 0 <= index < self.n_layers]
         if bad:
             raise ValueError(f"moe_layers={self.moe_layers!r} names layers {bad} outside 0..{self.n_layers - 1}")
-        for name in ("aux_coef", "z_coef", "noisy_coef"):
+        for name in ("aux_coef", "z_coef", "noisy_coef", "entropy_coef"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be non-negative")
         if not 0 <= self.dropout < 1:
@@ -197,6 +200,10 @@ class MoETransformer(Module):
                 noisy = layer.importance_loss + layer.load_loss
                 total = total + c.noisy_coef * noisy
                 reported["noisy"].append(noisy)
+            if layer.entropy_loss is not None:  # router='top_p'
+                total = total + c.entropy_coef * layer.entropy_loss
+            if layer.l1_loss is not None:  # router='relu': ReMoE's adaptive λ is already inside
+                total = total + layer.l1_loss
         scalars = [total, cross_entropy, *reported["aux"], *reported["z"], *reported["noisy"]]
         values = to_numpy(xp.stack([scalar.data.astype(xp.float64) for scalar in scalars])).tolist()
         if finite_checks_enabled() and not all(math.isfinite(value) for value in values):  # host values: free
@@ -213,32 +220,32 @@ class MoETransformer(Module):
         return total, parts
 
     @no_grad()
-    def generate(self, prompt, length: int, temperature: float = 1.0, top_k: int | None = None, generator=None):
+    def generate(self, prompt, length: int, temperature: float = 1.0, top_k: int | None = None, generator=None,
+                 use_cache: bool | None = None):
         """Sample `length` tokens after `prompt` (a non-empty sequence of token ids in [0, vocab_size)); returns
-        the new ids. temperature: a positive finite number; top_k: None or an int >= 1. Uses eval mode."""
+        the new ids. The context is the last max_seq_len tokens. temperature: a finite number >= 0 (0 = greedy,
+        argmax); top_k: None or an int >= 1. Uses eval mode. use_cache: None = a KV cache when the MoE layers
+        are dropless token choice (same tokens as without it), False = recompute the context every step
+        (transformer_generation.py)."""
         prompt = self._prompt_ids(prompt)
         length = require_int(length, "length", "generate", low=0)
         temperature = require_number(temperature, "temperature", "generate")
-        if not temperature > 0:
-            raise ValueError(f"generate: temperature={temperature!r} must be positive")
+        if not temperature >= 0:
+            raise ValueError(f"generate: temperature={temperature!r} must be >= 0 (0 = greedy)")
         if top_k is not None:
             require_int(top_k, "top_k", "generate", low=1)
+        if use_cache is not None and not isinstance(use_cache, bool):
+            raise TypeError(f"generate: use_cache={use_cache!r} must be None, True or False")
+        if use_cache and not can_cache(self):
+            raise ValueError("generate: use_cache=True needs dropless token-choice MoE layers (capacity_factor "
+                             "None, router not 'expert_choice'): otherwise a token's routing depends on its window")
         generator = as_generator(generator)
         was_training = self.training
         self.eval()
-        tokens = list(prompt)
         try:
-            for _ in range(length):
-                context = np.asarray(tokens[-self.config.max_seq_len:], dtype=np.int64)[None, :]
-                logits = self.forward(context).numpy()[0, -1].astype(np.float64) / temperature
-                if top_k is not None and top_k < logits.size:
-                    logits[logits < np.sort(logits)[-top_k]] = -math.inf
-                probabilities = np.exp(logits - logits.max())
-                probabilities /= probabilities.sum()
-                tokens.append(int(generator.choice(logits.size, p=probabilities)))
+            return generate_tokens(self, prompt, length, temperature, top_k, generator, use_cache)
         finally:
             self.train(was_training)
-        return tokens[len(prompt):]
 
     def _prompt_ids(self, prompt) -> list:
         """`prompt` as a list of Python ints, each a token id in [0, vocab_size); a clear error otherwise."""

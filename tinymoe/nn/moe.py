@@ -21,9 +21,9 @@ import functools
 import numpy as np
 
 from ..engine.backend import array_module, normalize_device, normalize_dtype, to_numpy
-from ..engine.checks import check_finite, require_tensor
+from ..engine.checks import check_finite, require_bool, require_number, require_tensor
 from ..engine.array_math import stable_argsort
-from ..engine.random import as_generator
+from ..engine.random import as_generator, standard_normal
 from ..functional.activations import sigmoid
 from ..functional.linear import linear
 from ..functional.dispatch import combine_rows_unchecked, gather_rows_unchecked, routing_plan_unchecked
@@ -227,6 +227,57 @@ class MoE(Module):
                               n_slots=routing.expert_ids.shape[1], expert_choice=self.router.kind == "expert_choice")
         return out.reshape(*x.shape)
 
+    @classmethod
+    def from_dense(cls, block, n_experts, top_k, *, noise=0.0, generator=None, exact=True, name="MoE",
+                   **moe_options) -> "MoE":
+        """Sparse upcycling (Komatsuzaki et al. 2022): an MoE whose n_experts experts all start as copies of the
+        dense feed-forward `block` (a SwiGLU: w1, w3 (ff, d), w2 (d, ff); or a one-expert Experts of any
+        activation, e.g. an MLP with biases), top_k of them per token. d_model, d_ff, activation, expert
+        biases and dtype come from the block; moe_options are the other MoEConfig options.
+
+        Step 0 computes the block: y = Σ_j w_j · dense(x) = dense(x) when each token's combine weights sum to 1
+        (normalize_top_k=True, router "softmax", "noisy" or "sigmoid", dropless, no null or shared experts,
+        routed_scaling_factor 1; anything else raises ValueError, or is allowed with exact=False, documented
+        as no longer equal). Equal up to rounding, not bitwise: top_k=1 weights are exactly 1 (p/p), but each
+        expert multiplies a subset of the rows and BLAS sums can depend on the row count, and for k > 1 the
+        k-term sum rounds (tested to 1e-6 float32, 1e-12 float64, relative). The router is random (U(±1/sqrt(d))
+        from `generator`) as in the paper; while the experts are identical the output does not depend on
+        the routing, so the router learns from the aux loss only until the experts drift apart.
+        noise: std, relative to each expert tensor's std, of independent Gaussian noise added to every copy
+        (from `generator`) to break the symmetry; noise > 0 breaks the step-0 equality."""
+        if isinstance(block, SwiGLU):
+            sources = {"w1": block.w1, "w3": block.w3, "w2": block.w2}
+            derived = dict(d_model=block.d_model, d_ff=block.d_ff, activation="swiglu")
+        elif isinstance(block, Experts) and block.n_experts == 1:
+            sources = dict(block.named_parameters())
+            derived = dict(d_model=block.d_model, d_ff=block.d_ff, activation=block.activation,
+                           expert_bias=block.expert_bias)
+            if block.activation == "swiglu_clamped":
+                derived.update(swiglu_alpha=block.swiglu_alpha, swiglu_limit=block.swiglu_limit)
+        else:
+            raise TypeError(f"MoE.from_dense: block must be a tinymoe.nn.SwiGLU or an Experts with n_experts=1, "
+                            f"got {type(block).__name__}")
+        derived["dtype"] = sources["w1"].dtype.name
+        given = sorted(set(moe_options) & (set(derived) | {"expert_bias", "swiglu_alpha", "swiglu_limit"}))
+        if given:
+            raise TypeError(f"MoE.from_dense: {given} come from the dense block; do not pass them")
+        noise = require_number(noise, "noise", "MoE.from_dense", low=0.0)
+        config = _config_from_arguments(None, (), {**moe_options, **derived, "n_experts": n_experts, "top_k": top_k})
+        reasons = upcycle_inexact_reasons(config)
+        if reasons and require_bool(exact, "exact", "MoE.from_dense"):
+            raise ValueError(f"MoE.from_dense: the upcycled layer would not compute the dense block's output at "
+                             f"step 0: {'; '.join(reasons)} (pass exact=False to upcycle anyway)")
+        generator = as_generator(generator)
+        moe = cls(config, device=sources["w1"].device, generator=generator, name=name)
+        for key, dense in sources.items():
+            target = getattr(moe.experts, key)
+            copies = dense.xp.broadcast_to(dense.data.reshape(1, *target.shape[1:]), target.shape).astype(target.dtype)
+            if noise > 0:
+                copies = copies + noise * float(dense.data.std()) * standard_normal(generator, target.shape,
+                                                                                    dense.xp, target.dtype)
+            target.data = copies
+        return moe
+
     def update_bias(self, rate=None) -> None:
         """Aux-free balance step of the sigmoid router (see Router.update_bias)."""
         self.router.update_bias(rate)
@@ -282,3 +333,17 @@ def _config_from_arguments(config, sizes, options) -> MoEConfig:
     if unknown:
         raise TypeError(f"MoE got unknown options {unknown}; expected MoEConfig's {list(option_names())}")
     return MoEConfig(**options)
+
+
+def upcycle_inexact_reasons(config: MoEConfig) -> list:
+    """Why an MoE of identical experts with `config` would not compute the expert's output (empty: it would)."""
+    reasons = []
+    if config.router not in ("softmax", "noisy", "sigmoid"):
+        reasons.append(f"router={config.router!r} does not give every token weights summing to 1 (top_p: raw p; "
+                       "relu: relu(z); expert_choice: 0..E experts per token)")
+    rules = [(not config.normalize_top_k, "normalize_top_k=False keeps the raw top-k p (summing to under 1)"),
+             (config.capacity_factor is not None, f"capacity_factor={config.capacity_factor} drops assignments"),
+             (config.n_null_experts, f"n_null_experts={config.n_null_experts}: null experts compute nothing"),
+             (config.n_shared_experts, f"n_shared_experts={config.n_shared_experts} adds the shared output"),
+             (config.routed_scaling_factor != 1.0, f"routed_scaling_factor={config.routed_scaling_factor}")]
+    return reasons + [reason for broken, reason in rules if broken]
