@@ -84,6 +84,22 @@ def check_device(device: str) -> None:
             raise UsageError(f"--device cuda: {error}") from None
 
 
+def prepare_run(args) -> None:
+    """What every command that runs a model checks and sets first: a usable TINYMOE_KERNELS (unless --kernels
+    overrides it), the device, then --matmul-precision and --kernels where the command has them."""
+    from .. import kernels
+    from ..engine.backend import set_matmul_precision
+
+    forced = getattr(args, "kernels", None)
+    if forced is None and kernels.environment_problem():
+        raise UsageError(kernels.environment_problem())
+    check_device(args.device)
+    if getattr(args, "matmul_precision", None) is not None:
+        set_matmul_precision(args.matmul_precision)
+    if forced:
+        kernels.use(forced)
+
+
 class OneLineErrorParser(argparse.ArgumentParser):
     """argparse prints the whole usage block before an error; we print the error alone, on one line."""
 

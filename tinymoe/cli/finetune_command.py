@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 
-from .arguments import UsageError, check_device
+from .arguments import UsageError, prepare_run
 
 FROM_PRETRAINED_HELP = ("fine-tune the transformers-format checkpoint in DIR (config.json, model.safetensors, "
                         "tokenizer.json) on --data instead of training a new model; the model and MoE options "
@@ -24,7 +24,6 @@ def _given(argv, flag) -> bool:
 
 def run_finetune(args, train_config) -> int:
     """train_config: the TrainConfig of the run options (built by train_command._configs' rules)."""
-    from .. import kernels, set_matmul_precision
     from ..train.data import DataError, read_text
     from ..train.finetune import finetune
     from .generate_command import load_model, load_tokenizer
@@ -36,12 +35,7 @@ def run_finetune(args, train_config) -> int:
                          "do not apply to fine-tuning")
     if args.data is None:
         raise UsageError("--from-pretrained needs --data FILE, the text to fine-tune on")
-    if args.kernels is None and kernels.environment_problem():
-        raise UsageError(kernels.environment_problem())
-    check_device(args.device)
-    set_matmul_precision(args.matmul_precision)
-    if args.kernels:
-        kernels.use(args.kernels)
+    prepare_run(args)
     if os.path.abspath(args.out) == os.path.abspath(args.from_pretrained):
         raise UsageError(f"--out {args.out} is the --from-pretrained directory; write the fine-tuned model elsewhere")
     existing = [name for name in ("model.safetensors", "checkpoint.npz") if os.path.exists(os.path.join(args.out, name))]

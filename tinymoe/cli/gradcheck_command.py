@@ -3,7 +3,7 @@ layers are checked with their routing decisions as the discrete state: a perturb
 experts is excluded (and counted), not compared. Exit status 1 when a check fails."""
 from __future__ import annotations
 
-from .arguments import UsageError, add_option, check_device
+from .arguments import add_option, prepare_run
 
 
 def add_parser(commands) -> None:
@@ -16,12 +16,9 @@ def add_parser(commands) -> None:
 
 
 def run_gradcheck(args) -> int:
-    from .. import kernels
     from ..selfcheck import run_all
 
-    if kernels.environment_problem():
-        raise UsageError(kernels.environment_problem())
-    check_device(args.device)
+    prepare_run(args)
     results = run_all(args.device)
     width = max(len(result.name) for result in results)
     print(f"{'check':<{width}}  result  seconds")

@@ -20,13 +20,10 @@ def add_parser(commands) -> None:
 
 
 def run_sample(args) -> int:
-    from .. import kernels
     from ..train.checkpoint import load_trained_model
-    from .arguments import check_device
+    from .arguments import prepare_run
 
-    if kernels.environment_problem():
-        raise UsageError(kernels.environment_problem())
-    check_device(args.device)
+    prepare_run(args)
     model, vocab = load_trained_model(args.checkpoint, args.device)
     prompt = args.prompt or ("\n" if "\n" in vocab else vocab[0])
     unknown = sorted(set(prompt) - set(vocab))

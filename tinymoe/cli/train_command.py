@@ -12,7 +12,7 @@ import shlex
 import sys
 import tempfile
 
-from .arguments import (UsageError, add_option, check_device, learning_rate, non_negative_float, non_negative_int,
+from .arguments import (UsageError, add_option, prepare_run, learning_rate, non_negative_float, non_negative_int,
                         positive_float, positive_int)
 from .finetune_command import FROM_PRETRAINED_HELP
 from .model_options import add_model_options, model_config
@@ -168,19 +168,13 @@ def run_train(args) -> int:
 
 
 def _run_train(args, comm) -> int:
-    from .. import kernels, set_matmul_precision
     from ..train.corpus import generate_corpus
     from ..train.data import CharData, DataError, read_text
     from ..train.interrupt import TrainingInterrupted
     from ..train.loop import Trainer
 
     print = _print_on_rank_zero(comm)
-    if args.kernels is None and kernels.environment_problem():
-        raise UsageError(kernels.environment_problem())
-    check_device(args.device)
-    set_matmul_precision(args.matmul_precision)
-    if args.kernels:
-        kernels.use(args.kernels)
+    prepare_run(args)
     try:
         text = generate_corpus() if args.data is None else read_text(args.data)
         data = CharData.from_text(text, args.seq_len)

@@ -18,7 +18,7 @@ from __future__ import annotations
 from ..engine.backend import array_module
 from ..engine.array_math import softmax, softmax_backward, stable_top_k
 from ..engine.function import Function
-from .gating import _scatter_rows
+from .gating import _scatter_rows, every_expert_outputs
 
 
 class TopPGate(Function):
@@ -64,14 +64,8 @@ class ReLUGate(Function):
 
     @staticmethod
     def forward(ctx, logits):
-        xp = ctx.xp
-        n_tokens, n_experts = logits.shape
-        probs = softmax(logits, axis=1)
         valid = logits > 0
-        weights = xp.where(valid, logits, 0)
-        expert_ids = xp.broadcast_to(xp.arange(n_experts), (n_tokens, n_experts))
-        ctx.save_for_backward(probs, valid)
-        return probs, weights, expert_ids, valid
+        return every_expert_outputs(ctx, softmax(logits, axis=1), valid, ctx.xp.where(valid, logits, 0))
 
     @staticmethod
     def backward(ctx, grad_probs, grad_weights):

@@ -113,6 +113,15 @@ class SigmoidTopK(Function):
         return grad_log_scores * (1 - scores)
 
 
+def every_expert_outputs(ctx, probs, valid, weights):
+    """The outputs of a gate that may give a token any of the E experts: (probs, weights, expert_ids, valid) with
+    expert_ids[t, e] = e (T, E) and `valid` (T, E) marking the pairs that exist; saves (probs, valid)."""
+    n_tokens, n_experts = probs.shape
+    expert_ids = ctx.xp.broadcast_to(ctx.xp.arange(n_experts), (n_tokens, n_experts))
+    ctx.save_for_backward(probs, valid)
+    return probs, weights, expert_ids, valid
+
+
 class ExpertChoice(Function):
     """Expert-choice gate (Zhou et al. 2022): each expert takes its `capacity` highest-p tokens.
 
@@ -124,15 +133,11 @@ class ExpertChoice(Function):
     @staticmethod
     def forward(ctx, logits, capacity):
         xp = ctx.xp
-        n_tokens, n_experts = logits.shape
         probs = softmax(logits, axis=1)
         chosen = xp.zeros(probs.shape, dtype=bool)
         top_tokens = stable_top_k(probs, capacity, axis=0)  # (C, E)
         xp.put_along_axis(chosen, top_tokens, True, axis=0)
-        weights = xp.where(chosen, probs, 0)
-        expert_ids = xp.broadcast_to(xp.arange(n_experts), (n_tokens, n_experts))
-        ctx.save_for_backward(probs, chosen)
-        return probs, weights, expert_ids, chosen
+        return every_expert_outputs(ctx, probs, chosen, xp.where(chosen, probs, 0))
 
     @staticmethod
     def backward(ctx, grad_probs, grad_weights):

@@ -214,26 +214,24 @@ def _is_number(value, low=0.0) -> bool:
             and value >= low)
 
 
-def _schedule_problem(value):
+def _counter_and_list_problem(value, counter: str, items: str, item_ok, item_text: str):
+    """Why `value` is not an object {counter: int >= 0, items: non-empty list of item_ok items} (None if it is)."""
     if not isinstance(value, dict):
-        return "must be an object {step_index, base_lrs}"
-    if not _is_int(value.get("step_index")):
-        return f"step_index={value.get('step_index')!r} must be an int >= 0"
-    base_lrs = value.get("base_lrs")
-    if not (isinstance(base_lrs, list) and base_lrs and all(_is_number(lr) for lr in base_lrs)):
-        return f"base_lrs={base_lrs!r:.80} must be a non-empty list of finite numbers >= 0"
+        return f"must be an object {{{counter}, {items}}}"
+    if not _is_int(value.get(counter)):
+        return f"{counter}={value.get(counter)!r} must be an int >= 0"
+    listed = value.get(items)
+    if not (isinstance(listed, list) and listed and all(item_ok(item) for item in listed)):
+        return f"{items}={listed!r:.80} must be a non-empty list of {item_text}"
     return None
+
+
+def _schedule_problem(value):
+    return _counter_and_list_problem(value, "step_index", "base_lrs", _is_number, "finite numbers >= 0")
 
 
 def _optimizer_problem(value):
-    if not isinstance(value, dict):
-        return "must be an object {step_count, groups}"
-    if not _is_int(value.get("step_count")):
-        return f"step_count={value.get('step_count')!r} must be an int >= 0"
-    groups = value.get("groups")
-    if not (isinstance(groups, list) and groups and all(isinstance(group, dict) for group in groups)):
-        return f"groups={groups!r:.80} must be a non-empty list of objects"
-    return None
+    return _counter_and_list_problem(value, "step_count", "groups", lambda group: isinstance(group, dict), "objects")
 
 
 def _generators_problem(value):
