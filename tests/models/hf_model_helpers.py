@@ -4,13 +4,15 @@ oracle where torch is absent.
 `write_checkpoint` writes config.json and random weights under the names and shapes of hf_weights'
 model_weight_shapes (itself checked against transformers in test_hf_config.py) with tinymoe.io's writer;
 it does not use the model code under test. `reference_logits` recomputes a decoder from those arrays
-token by token, head by head and expert by expert (default RoPE only).
+token by token, head by head and expert by expert (default RoPE only; the Qwen2-MoE, GPT-OSS and DeepSeek-V3
+parts are in hf_reference_extra.py).
 """
 import json
 import os
 
 import numpy as np
 
+import hf_reference_extra as extra
 from tinymoe.io import save_safetensors, save_safetensors_sharded
 from tinymoe.models.hf_config import parse_hf_config
 from tinymoe.models.hf_weights import model_weight_shapes
@@ -28,6 +30,17 @@ CONFIGS = {
     "qwen3_moe": dict(model_type="qwen3_moe", **SMALL, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=8,
                       head_dim=6, decoder_sparse_step=2, norm_topk_prob=True),
     "olmoe": dict(model_type="olmoe", **SMALL, num_experts=3, num_experts_per_tok=2),
+    "qwen2_moe": dict(model_type="qwen2_moe", **SMALL, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=8,
+                      shared_expert_intermediate_size=12, mlp_only_layers=[0]),
+    # swiglu_limit 1: the clamps of the experts' gate and up are reached with these weights
+    "gpt_oss": dict(model_type="gpt_oss", **SMALL, num_local_experts=3, num_experts_per_tok=2, head_dim=6,
+                    sliding_window=3, swiglu_limit=1.0),
+    # n_group 2, topk_group 1: the experts of one group of two only; MLA needs num_key_value_heads = heads
+    "deepseek_v3": dict(model_type="deepseek_v3", **{**SMALL, "num_key_value_heads": 4}, n_routed_experts=4,
+                        num_experts_per_tok=2, moe_intermediate_size=8, n_group=2, topk_group=1,
+                        first_k_dense_replace=1, q_lora_rank=10, kv_lora_rank=6, qk_nope_head_dim=4,
+                        qk_rope_head_dim=2, v_head_dim=5, n_shared_experts=1, norm_topk_prob=True,
+                        routed_scaling_factor=2.5),
 }
 
 
@@ -72,12 +85,17 @@ def _rope(x, position, theta):
     return np.concatenate([first * np.cos(angle) - second * np.sin(angle), second * np.cos(angle) + first * np.sin(angle)])
 
 
-def _attention(config, t, prefix, x):
-    """x (L, H) of one sequence -> (L, H); loops over query heads and positions."""
+def _attention(config, t, prefix, x, layer=None):
+    """x (L, H) of one sequence -> (L, H); loops over query heads and positions. layer: the layer's index (GPT-OSS
+    reads its window kind from it)."""
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
     dim = config.get("head_dim") or config["hidden_size"] // heads
     eps, kind = config["rms_norm_eps"], config["model_type"]
+    if kind == "deepseek_v3":
+        return extra.mla_attention(config, t, prefix, x)
     window = config.get("sliding_window") if kind == "mixtral" else None
+    if kind == "gpt_oss":
+        window = extra.gpt_oss_window(config, layer)
 
     def project(name):
         out = x @ t[f"{prefix}{name}.weight"].T
@@ -98,8 +116,8 @@ def _attention(config, t, prefix, x):
         for i in range(len(x)):
             keys = [j for j in range(i + 1) if window is None or j > i - window]
             scores = np.array([q[i, h] @ k[j, kv] for j in keys]) / np.sqrt(dim)
-            weights = np.exp(scores - scores.max())
-            out[i, h] = (weights / weights.sum()) @ v[keys, kv]
+            sink = t[prefix + "sinks"][h] if kind == "gpt_oss" else None
+            out[i, h] = extra.softmax_rows(scores, sink) @ v[keys, kv]
     out = out.reshape(len(x), heads * dim) @ t[prefix + "o_proj.weight"].T
     return out + t[prefix + "o_proj.bias"] if prefix + "o_proj.bias" in t else out
 
@@ -112,6 +130,10 @@ def _feed_forward(config, t, layer, x):
         return (_silu(x @ t[mlp + "gate_proj.weight"].T) * (x @ t[mlp + "up_proj.weight"].T)) @ t[mlp + "down_proj.weight"].T
     mixtral = config["model_type"] == "mixtral"
     block = prefix + ("block_sparse_moe." if mixtral else "mlp.")
+    if config["model_type"] == "gpt_oss":
+        return extra.gpt_oss_experts(config, t, block, x)
+    if config["model_type"] in ("qwen2_moe", "deepseek_v3"):
+        return extra.routed_experts(config, t, block, x)
     names = ("w1", "w3", "w2") if mixtral else ("gate_proj", "up_proj", "down_proj")
     top_k = config["num_experts_per_tok"]
     normalize = mixtral or config.get("norm_topk_prob", False)
@@ -138,7 +160,7 @@ def reference_logits(config, tensors, ids):
         h = t["model.embed_tokens.weight"][sequence]
         for layer in range(config["num_hidden_layers"]):
             prefix = f"model.layers.{layer}."
-            h = h + _attention(config, t, prefix + "self_attn.", _rms(h, t[prefix + "input_layernorm.weight"], eps))
+            h = h + _attention(config, t, prefix + "self_attn.", _rms(h, t[prefix + "input_layernorm.weight"], eps), layer)
             h = h + _feed_forward(config, t, layer, _rms(h, t[prefix + "post_attention_layernorm.weight"], eps))
         logits.append(_rms(h, t["model.norm.weight"], eps) @ head.T)
     return np.array(logits)

@@ -16,7 +16,8 @@ def model_of(case, seed=0):
     return HFCausalLM(CONFIGS[case], dtype="float64", seed=seed)
 
 
-@pytest.mark.parametrize("case", ["mixtral_sliding", "qwen3_moe", "olmoe", "llama_tied_bias", "qwen2"])
+@pytest.mark.parametrize("case", ["mixtral_sliding", "qwen3_moe", "olmoe", "llama_tied_bias", "qwen2", "qwen2_moe",
+                                  "gpt_oss", "deepseek_v3"])
 def test_cached_logits_equal_the_full_forward(case):
     model = model_of(case)
     ids = np.random.default_rng(1).integers(0, 13, (2, 10))  # 10 tokens: past the sliding window of 3
@@ -156,7 +157,8 @@ def test_bad_prompts_and_cache_misuse_raise():
 
 @pytest.mark.parametrize("kernels", tm.kernels.available("cpu"))
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("case", ["mixtral_sliding", "qwen3_moe", "olmoe", "llama_tied_bias", "qwen3", "mixtral"])
+@pytest.mark.parametrize("case", ["mixtral_sliding", "qwen3_moe", "olmoe", "llama_tied_bias", "qwen3", "mixtral",
+                                  "qwen2_moe", "gpt_oss", "deepseek_v3"])
 def test_decoding_fast_path_equals_the_regular_forward_bit_for_bit(case, dtype, kernels):
     """next_token_logits (plain arrays, generate's path) against the Tensor forward: the same bits per step."""
     model = HFCausalLM(CONFIGS[case], dtype=dtype, seed=3).eval()

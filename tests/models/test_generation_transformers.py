@@ -22,7 +22,8 @@ def transformers_greedy(model, prompt, max_new_tokens, eos_token_id, pad_token_i
     return out.numpy()
 
 
-@pytest.mark.parametrize("case", ["llama", "qwen3", "mixtral_sliding", "qwen3_moe", "olmoe"])
+@pytest.mark.parametrize("case", ["llama", "qwen3", "mixtral_sliding", "qwen3_moe", "olmoe", "qwen2_moe", "gpt_oss",
+                                  "deepseek_v3", "deepseek_v3_no_q_lora"])
 def test_greedy_generation_matches_transformers(case, tmp_path):
     reference = transformers_model(case, seed=1)
     reference.save_pretrained(tmp_path)

@@ -1,6 +1,7 @@
 """from_pretrained / save_pretrained without torch: checkpoints written by NumPy and tinymoe.io (single file,
 sharded, bfloat16), every tensor landing in its parameter, and clear errors for missing, unexpected and
-mis-shaped tensors, configs that contradict the weights, and model_types without a model yet."""
+mis-shaped tensors, configs that contradict the weights; GPT-OSS's fused interleaved experts and DeepSeek-V3's
+correction bias in both directions."""
 import json
 import os
 
@@ -10,7 +11,6 @@ import pytest
 from hf_model_helpers import CONFIGS, random_weights, reference_logits, write_checkpoint
 from tinymoe.io import load_safetensors
 from tinymoe.models.hf_checkpoint import CheckpointError, checkpoint_tensors
-from tinymoe.models.hf_config import parse_hf_config
 from tinymoe.models.hf_model import HFCausalLM
 from tinymoe.models.hf_weights import model_weight_shapes
 from tinymoe.models.pretrained import from_pretrained
@@ -172,15 +172,57 @@ def test_missing_files_are_named(tmp_path):
         from_pretrained(tmp_path)
 
 
-@pytest.mark.parametrize("model_type", ["deepseek_v3", "qwen2_moe", "gpt_oss"])
-def test_from_pretrained_refuses_types_without_a_model(tmp_path, model_type):
-    config = {**CONFIGS["llama"], "model_type": model_type, "num_experts": 4, "num_local_experts": 4,
-              "n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 8, "kv_lora_rank": 6,
-              "qk_nope_head_dim": 4, "qk_rope_head_dim": 2, "v_head_dim": 4, "sliding_window": 8}
-    assert parse_hf_config(config).model_type == model_type
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(NotImplementedError, match=f"model_type='{model_type}' is not implemented"):
-        from_pretrained(tmp_path)
+def test_gpt_oss_fused_interleaved_experts_land_in_their_parameters(tmp_path):
+    tensors = write_checkpoint(tmp_path, CONFIGS["gpt_oss"], seed=4)
+    parameters = {name: p.numpy() for name, p in from_pretrained(tmp_path, dtype="float64").named_parameters()}
+    block = "model.layers.1.mlp."
+    gate_up, gate_up_bias = tensors[block + "experts.gate_up_proj"], tensors[block + "experts.gate_up_proj_bias"]
+    for expert in range(3):
+        for j in range(24):  # column 2j is the gate of hidden unit j, column 2j + 1 its up (GptOssExperts)
+            np.testing.assert_array_equal(parameters[block + "experts.w1"][expert, j], gate_up[expert, :, 2 * j])
+            np.testing.assert_array_equal(parameters[block + "experts.w3"][expert, j], gate_up[expert, :, 2 * j + 1])
+            assert parameters[block + "experts.b1"][expert, j] == gate_up_bias[expert, 2 * j]
+            assert parameters[block + "experts.b3"][expert, j] == gate_up_bias[expert, 2 * j + 1]
+        np.testing.assert_array_equal(parameters[block + "experts.w2"][expert], tensors[block + "experts.down_proj"][expert].T)
+    np.testing.assert_array_equal(parameters[block + "experts.b2"], tensors[block + "experts.down_proj_bias"])
+    np.testing.assert_array_equal(parameters[block + "router.logit_bias"], tensors[block + "router.bias"])
+    np.testing.assert_array_equal(parameters["model.layers.2.self_attn.sinks"], tensors["model.layers.2.self_attn.sinks"])
+
+
+def test_deepseek_correction_bias_and_shared_experts_load(tmp_path):
+    tensors = write_checkpoint(tmp_path, CONFIGS["deepseek_v3"], seed=4)
+    model = from_pretrained(tmp_path, dtype="float64")
+    assert not model.model.layers[0].is_moe and model.model.layers[1].is_moe  # first_k_dense_replace=1
+    moe = model.model.layers[2].mlp
+    np.testing.assert_array_equal(moe.router.bias, tensors["model.layers.2.mlp.gate.e_score_correction_bias"])
+    np.testing.assert_array_equal(moe.shared.w2.numpy(), tensors["model.layers.2.mlp.shared_experts.down_proj.weight"])
+    np.testing.assert_array_equal(model.model.layers[1].self_attn.kv_b_proj.weight.numpy(),
+                                  tensors["model.layers.1.self_attn.kv_b_proj.weight"])
+
+
+@pytest.mark.parametrize("case", ["qwen2_moe", "gpt_oss", "deepseek_v3"])
+def test_save_pretrained_writes_back_the_tensors_it_loaded(case, tmp_path):
+    tensors = write_checkpoint(tmp_path / "in", CONFIGS[case], seed=7)
+    model = from_pretrained(tmp_path / "in", dtype="float32")
+    model.save_pretrained(tmp_path / "out")
+    written = load_safetensors(tmp_path / "out" / "model.safetensors")
+    assert list(written) == list(model_weight_shapes(model.spec))
+    for key, value in tensors.items():
+        np.testing.assert_array_equal(written[key], value, err_msg=key)
+
+
+def test_a_wrong_fused_expert_shape_is_named(tmp_path):
+    path = _broken(tmp_path, "gpt_oss", change=lambda t: t.update({"model.layers.0.mlp.experts.gate_up_proj":
+                                                                   np.zeros((3, 16, 47), np.float32)}))
+    with pytest.raises(CheckpointError, match=r"gate_up_proj in .* has shape \(3, 16, 47\) but config.json implies "
+                                              r"\(3, 16, 48\)"):
+        from_pretrained(path)
+
+
+def test_a_missing_correction_bias_is_named(tmp_path):
+    path = _broken(tmp_path, "deepseek_v3", change=lambda t: t.pop("model.layers.1.mlp.gate.e_score_correction_bias"))
+    with pytest.raises(CheckpointError, match=r"missing key\(s\) \['model.layers.1.mlp.gate.e_score_correction_bias'\]"):
+        from_pretrained(path)
 
 
 def test_unsupported_config_field_is_named(tmp_path):

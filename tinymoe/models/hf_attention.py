@@ -1,14 +1,18 @@
 """`HFAttention`: the self-attention of the transformers decoders tinymoe loads (Llama, Qwen2/3, Mixtral,
-Qwen3-MoE, OLMoE), built from tinymoe's ops, for one `HFModelSpec` layer.
+Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS), built from tinymoe's ops, for one `HFModelSpec` layer (DeepSeek-V3's
+multi-head latent attention is hf_mla.py).
 
     q, k, v = x Wqᵀ (+ bq), x Wkᵀ (+ bk), x Wvᵀ (+ bv)      Hq·D, Hkv·D, Hkv·D features
     q, k    = RMSNorm(q), RMSNorm(k)      qk_norm="all": over the whole projection (OLMoE), before the head split
                                          qk_norm="head": over each head's D features (Qwen3, Qwen3-MoE)
     q, k    = RoPE(q, p), RoPE(k, p)      positions p (offset by the cached length when decoding)
-    o       = softmax(scale · q kᵀ, causal [, window W]) v  with query head h reading kv head h // (Hq/Hkv)
+    o       = softmax(scale · q kᵀ, causal [, window W] [, sink σ_h]) v  query head h reads kv head h // (Hq/Hkv)
+              GPT-OSS: window W on its "sliding_attention" layers, and a learned sink logit σ_h per query head
+              (`sinks`, (Hq,)) in the softmax's denominator
     y       = o Woᵀ (+ bo)
 
-References: GQA (Ainslie et al. 2023), RoPE (Su et al. 2021), QK-norm (Dehghani et al. 2023; OLMoE, Qwen3).
+References: GQA (Ainslie et al. 2023), RoPE (Su et al. 2021), QK-norm (Dehghani et al. 2023; OLMoE, Qwen3),
+attention sinks (Xiao et al. 2023; GPT-OSS, OpenAI 2025).
 Every op here (linear, rms_norm, apply_rotary, grouped_query_attention) has its backward beside its forward.
 """
 from __future__ import annotations
@@ -20,18 +24,18 @@ from ..functional.grouped_attention import GroupedQueryAttention, grouped_query_
 from ..functional.linear import Linear as LinearOp
 from ..functional.norms import RMSNorm as RMSNormOp
 from ..functional.rotary import RotaryEmbedding, apply_rotary, rotary_frequencies
-from ..nn import Linear, Module, RMSNorm
+from ..nn import Linear, Module, RMSNorm, init
 from .hf_config import HFModelSpec
 
-# The model_types whose attention HFAttention computes (DeepSeek-V3's MLA and GPT-OSS's sinks are not here).
-ATTENTION_TYPES = ("llama", "qwen2", "qwen3", "mixtral", "qwen3_moe", "olmoe")
+# The model_types whose attention HFAttention computes (DeepSeek-V3's MLA is hf_mla.MultiHeadLatentAttention).
+ATTENTION_TYPES = ("llama", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss")
 
 
 class HFAttention(Module):
     """Self-attention of layer `layer` of `spec`: x (B, L, hidden) -> (B, L, hidden).
 
     Sub-modules and parameters carry transformers' names: q_proj, k_proj, v_proj, o_proj (Linear, weight
-    (out, in)), q_norm / k_norm (RMSNorm) when spec.qk_norm is set.
+    (out, in)), q_norm / k_norm (RMSNorm) when spec.qk_norm is set, sinks (Hq,) when spec.attention_sinks.
     """
 
     def __init__(self, spec: HFModelSpec, layer: int, dtype="float32", device="cpu", generator=None):
@@ -54,6 +58,8 @@ class HFAttention(Module):
             per_head = spec.qk_norm == "head"
             self.q_norm = RMSNorm(spec.head_dim if per_head else q_width, eps=spec.rms_norm_eps, dtype=dtype, device=device)
             self.k_norm = RMSNorm(spec.head_dim if per_head else kv_width, eps=spec.rms_norm_eps, dtype=dtype, device=device)
+        if spec.attention_sinks:  # zeros: every head starts as plain softmax plus one "null" key of logit 0
+            self.sinks = init.constant((spec.num_heads,), 0.0, dtype, device)
         self.inv_freq, self.rope_scaling = rotary_frequencies(spec.rotary_dim, spec.rope_theta, spec.rope_scaling,
                                                               spec.max_position_embeddings)
         self.rotary_dim = spec.rotary_dim
@@ -82,7 +88,8 @@ class HFAttention(Module):
         q, k = apply_rotary(q, positions, **rope), apply_rotary(k, positions, **rope)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
-        attended = grouped_query_attention(q, k, v, causal=True, sliding_window=self.sliding_window, scale=self.scale)
+        attended = grouped_query_attention(q, k, v, causal=True, sliding_window=self.sliding_window,
+                                           sinks=getattr(self, "sinks", None), scale=self.scale)
         return self.o_proj(attended.transpose(0, 2, 1, 3).reshape(batch, length, self.num_heads * self.head_dim))
 
     def forward_arrays(self, x, rotation, cache):
@@ -103,7 +110,9 @@ class HFAttention(Module):
         cos, sin = rotation
         q, k = (RotaryEmbedding.forward(ctx, a, cos, sin, self.rope_layout, self.rotary_dim) for a in (q, k))
         k, v = cache.append(self.layer, k, v)
-        attended = GroupedQueryAttention.forward(ctx, q, k, v, None, True, self.sliding_window, self.scale)
+        sinks = getattr(self, "sinks", None)
+        attended = GroupedQueryAttention.forward(ctx, q, k, v, None if sinks is None else sinks.data, True,
+                                                 self.sliding_window, self.scale)
         rows = attended.transpose(0, 2, 1, 3).reshape(batch, length, self.num_heads * self.head_dim)
         return LinearOp.forward(ctx, rows, self.o_proj.weight.data,
                                 None if self.o_proj.bias is None else self.o_proj.bias.data)

@@ -8,12 +8,25 @@ layout="checkpoint"). Everything outside the feed-forward blocks keeps its name.
            <block>.experts.{e}.{gate, up, down}.weight  for e < E     -> mlp.experts.w1 / w3 / w2 [e]
 
 with <block> = block_sparse_moe and expert names w1 / w3 / w2 for Mixtral, mlp and gate_proj / up_proj /
-down_proj for Qwen3-MoE and OLMoE. A tied model (tie_word_embeddings) has no lm_head.weight on disk.
+down_proj for Qwen2-MoE, Qwen3-MoE, OLMoE and DeepSeek-V3. Besides:
+
+    Qwen2-MoE    mlp.shared_expert.{gate,up,down}_proj.weight        -> mlp.shared.w1 / w3 / w2
+                 mlp.shared_expert_gate.weight (1, d)                -> mlp.shared_gate
+    DeepSeek-V3  mlp.shared_experts.{gate,up,down}_proj.weight       -> mlp.shared.w1 / w3 / w2
+                 mlp.gate.e_score_correction_bias (E,)               -> the buffer mlp.router.bias
+    GPT-OSS      mlp.router.weight / .bias                           -> mlp.router.weight / logit_bias
+                 mlp.experts.gate_up_proj (E, d, 2I), columns gate 0::2, up 1::2 -> experts.w1, w3 (E, I, d)
+                 mlp.experts.gate_up_proj_bias (E, 2I), the same interleave      -> experts.b1, b3 (E, I)
+                 mlp.experts.down_proj (E, I, d), down_proj_bias (E, d)          -> experts.w2 (E, d, I), b2
+
+A source is a key, a list of E keys (stacked on axis 0) or a `Part` (a key and the slice/transpose of it a
+parameter holds). A tied model (tie_word_embeddings) has no lm_head.weight on disk.
 """
 from __future__ import annotations
 
 import json
 import os
+from typing import Callable, NamedTuple
 
 import numpy as np
 
@@ -22,9 +35,38 @@ from ..io import atomic_write, save_safetensors, save_safetensors_sharded
 from .hf_weights import model_weight_shapes
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-                 "mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM"}
+                 "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
+                 "olmoe": "OlmoeForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM", "gpt_oss": "GptOssForCausalLM"}
 # Keys older checkpoints carry that hold no weight (recomputed buffers): skipped when loading.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+class Part(NamedTuple):
+    """A parameter that is part of one checkpoint tensor: param = take(tensor); put(tensor, param) writes it back.
+    `shape` is the checkpoint tensor's shape (for writing)."""
+
+    key: str
+    take: Callable
+    put: Callable
+    shape: tuple
+
+
+def _columns(key, start, shape, transpose):
+    """The Part of every other last-axis column from `start` of `key` (GPT-OSS's interleaved gate/up),
+    transposed (E, d, I) -> (E, I, d) when `transpose`."""
+    def take(a):
+        a = a[..., start::2]
+        return a.transpose(0, 2, 1) if transpose else a
+
+    def put(tensor, value):
+        tensor[..., start::2] = value.transpose(0, 2, 1) if transpose else value
+    return Part(key, take, put, shape)
+
+
+def _transposed(key, shape):
+    def put(tensor, value):
+        tensor[...] = value.transpose(0, 2, 1)
+    return Part(key, lambda a: a.transpose(0, 2, 1), put, shape)
 
 
 class CheckpointError(ValueError):
@@ -44,6 +86,9 @@ def parameter_sources(model) -> dict:
             for ours, theirs in (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj")):
                 sources[f"{prefix}mlp.{ours}"] = f"{prefix}mlp.{theirs}.weight"
             continue
+        if spec.model_type == "gpt_oss":
+            sources.update(_gpt_oss_sources(spec, prefix))
+            continue
         mixtral = spec.model_type == "mixtral"
         block = prefix + ("block_sparse_moe." if mixtral else "mlp.")
         names = {"w1": "w1", "w3": "w3", "w2": "w2"} if mixtral else {"w1": "gate_proj", "w3": "up_proj",
@@ -52,10 +97,39 @@ def parameter_sources(model) -> dict:
         for ours, theirs in names.items():
             sources[f"{prefix}mlp.experts.{ours}"] = [f"{block}experts.{e}.{theirs}.weight"
                                                       for e in range(spec.n_experts)]
+        if spec.n_shared_experts:
+            shared = block + ("shared_expert." if spec.model_type == "qwen2_moe" else "shared_experts.")
+            for ours, theirs in (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj")):
+                sources[f"{prefix}mlp.shared.{ours}"] = f"{shared}{theirs}.weight"
+        if spec.shared_expert_gate:
+            sources[f"{prefix}mlp.shared_gate"] = block + "shared_expert_gate.weight"
     unmapped = sorted(set(dict(model.named_parameters())) - set(sources))
     if unmapped:
         raise NotImplementedError(f"HFCausalLM: parameters {unmapped} have no checkpoint name (a layer changed?)")
     return sources
+
+
+def _gpt_oss_sources(spec, prefix) -> dict:
+    """GPT-OSS's fused, transposed, interleaved expert tensors (module docstring) as Parts."""
+    block, experts, width, hidden = prefix + "mlp.", spec.n_experts, spec.moe_intermediate_size, spec.hidden_size
+    ours = prefix + "mlp."
+    gate_up, gate_up_bias = block + "experts.gate_up_proj", block + "experts.gate_up_proj_bias"
+    return {ours + "router.weight": block + "router.weight", ours + "router.logit_bias": block + "router.bias",
+            ours + "experts.w1": _columns(gate_up, 0, (experts, hidden, 2 * width), True),
+            ours + "experts.w3": _columns(gate_up, 1, (experts, hidden, 2 * width), True),
+            ours + "experts.b1": _columns(gate_up_bias, 0, (experts, 2 * width), False),
+            ours + "experts.b3": _columns(gate_up_bias, 1, (experts, 2 * width), False),
+            ours + "experts.w2": _transposed(block + "experts.down_proj", (experts, width, hidden)),
+            ours + "experts.b2": block + "experts.down_proj_bias"}
+
+
+def buffer_sources(model) -> dict:
+    """{checkpoint key: MoE layer} of the buffers a checkpoint holds: DeepSeek-V3's e_score_correction_bias
+    (the sigmoid router's selection bias, `router.bias`)."""
+    if model.spec.model_type != "deepseek_v3":
+        return {}
+    return {f"model.layers.{index}.mlp.gate.e_score_correction_bias": layer.mlp
+            for index, layer in enumerate(model.model.layers) if layer.is_moe}
 
 
 def _config_summary(spec) -> str:
@@ -113,6 +187,10 @@ def load_tensors(model, tensors, file_of, where: str) -> None:
                 value = read(key)
                 if value is not None:
                     array[expert] = value
+        elif isinstance(source, Part):  # the shape is checked on the checkpoint tensor, before the slice
+            value = read(source.key)
+            if value is not None:
+                array[...] = source.take(value)
         else:
             value = read(source)
             if value is not None:
@@ -120,8 +198,11 @@ def load_tensors(model, tensors, file_of, where: str) -> None:
         if not wrong:  # after the first error only checks continue, so that every bad tensor is named
             parameter.data = to_device(array, parameter.device)
             parameter.grad = None
+    buffers = {key: (moe, read(key)) for key, moe in buffer_sources(model).items()}
     if wrong:
         raise CheckpointError(f"{where}: " + "; ".join(wrong[:8]) + f". config.json says {_config_summary(spec)}")
+    for moe, value in buffers.values():
+        moe.router.bias = to_device(value.astype(moe.router.bias.dtype), moe.router.weight.device)
     if spec.tie_word_embeddings and "lm_head.weight" in names:
         head, embeddings = np.asarray(tensors["lm_head.weight"]), np.asarray(tensors["model.embed_tokens.weight"])
         if head.shape != embeddings.shape or not np.array_equal(head, embeddings):
@@ -136,8 +217,13 @@ def checkpoint_tensors(model) -> dict:
     for name, source in parameter_sources(model).items():
         if isinstance(source, list):
             tensors.update({key: np.ascontiguousarray(arrays[name][e]) for e, key in enumerate(source)})
+        elif isinstance(source, Part):
+            fused = tensors.setdefault(source.key, np.empty(source.shape, dtype=arrays[name].dtype))
+            source.put(fused, arrays[name])
         else:
             tensors[source] = np.ascontiguousarray(arrays[name])
+    for key, moe in buffer_sources(model).items():
+        tensors[key] = np.ascontiguousarray(to_numpy(moe.router.bias))
     order = model_weight_shapes(model.spec, layout="checkpoint")
     return {key: tensors[key] for key in order}
 

@@ -1,13 +1,18 @@
-"""`HFCausalLM`: a transformers decoder checkpoint (Llama, Qwen2, Qwen3, Mixtral, Qwen3-MoE, OLMoE) run on
-tinymoe's own layers, built from an `HFModelSpec`.
+"""`HFCausalLM`: a transformers decoder checkpoint (Llama, Qwen2, Qwen3, Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE,
+DeepSeek-V3, GPT-OSS) run on tinymoe's own layers, built from an `HFModelSpec`.
 
     h      = E[ids]                                         model.embed_tokens
     for each layer:
-      h    = h + Attention(RMSNorm(h), positions)           input_layernorm, self_attn (hf_attention.py)
+      h    = h + Attention(RMSNorm(h), positions)           input_layernorm, self_attn (hf_attention.py; GPT-OSS
+                                                            with sinks; DeepSeek-V3: latent attention, hf_mla.py)
       h    = h + FFN(RMSNorm(h))                            post_attention_layernorm, mlp:
              dense SwiGLU  w2 (silu(w1 h) ⊙ w3 h)           (gate_proj = w1, up_proj = w3, down_proj = w2)
-             or tm.nn.MoE: softmax top-k router, SwiGLU experts (Mixtral: renormalised top-k; Qwen3-MoE and
-             OLMoE: renormalised when norm_topk_prob)
+             or tm.nn.MoE with the type's MoEConfig options (`moe_options`): softmax top-k router, SwiGLU
+             experts (Mixtral: renormalised top-k; Qwen2/3-MoE, OLMoE: renormalised when norm_topk_prob);
+             Qwen2-MoE: + a shared expert scaled by σ(x·w); GPT-OSS: router bias, softmax over the top-k
+             logits, clamped SwiGLU experts with biases; DeepSeek-V3: sigmoid scores + e_score_correction_bias
+             for the choice among the topk_group best of n_group groups, weights s/Σs · routed_scaling_factor,
+             + shared experts; its first first_k_dense_replace layers are dense
     logits = RMSNorm(h) Wᵀ                                  model.norm, lm_head (W = E when tied)
 
 The module tree carries transformers' names down to the layer (model.layers.3.self_attn.q_proj.weight); the
@@ -33,23 +38,36 @@ from .generation import generate
 from .hf_attention import ATTENTION_TYPES, HFAttention, positions_after
 from .hf_checkpoint import save_pretrained
 from .hf_config import HFModelSpec, parse_hf_config
+from .hf_mla import MultiHeadLatentAttention
 from .kv_cache import KVCache
 
-# What tinymoe's layers lack for the other model_types parse_hf_config knows (see the report in pretrained.py).
-NOT_IMPLEMENTED = {
-    "deepseek_v3": "multi-head latent attention and group-limited sigmoid routing with routed scaling",
-    "qwen2_moe": "a shared expert gated by sigmoid(x·w) on its output",
-    "gpt_oss": "attention sinks, router and expert biases, and the clamped SwiGLU with interleaved gate/up",
-}
+# What tinymoe's layers lack for a model_type parse_hf_config knows (empty: every type runs).
+NOT_IMPLEMENTED = {}
+MODEL_TYPES = ATTENTION_TYPES + ("deepseek_v3",)
 
 
 def require_supported(model_type: str) -> None:
     """NotImplementedError naming `model_type` and the missing feature for types tinymoe cannot run yet."""
     if model_type in NOT_IMPLEMENTED:
         raise NotImplementedError(f"model_type={model_type!r} is not implemented by tinymoe's HFCausalLM yet: it "
-                                  f"needs {NOT_IMPLEMENTED[model_type]} (supported: {ATTENTION_TYPES})")
-    if model_type not in ATTENTION_TYPES:
-        raise NotImplementedError(f"model_type={model_type!r} is not supported (supported: {ATTENTION_TYPES})")
+                                  f"needs {NOT_IMPLEMENTED[model_type]} (supported: {MODEL_TYPES})")
+    if model_type not in MODEL_TYPES:
+        raise NotImplementedError(f"model_type={model_type!r} is not supported (supported: {MODEL_TYPES})")
+
+
+def moe_options(spec: HFModelSpec) -> dict:
+    """The MoEConfig options (besides sizes, dtype and capacity) of the MoE layers of `spec`'s model_type."""
+    options = dict(router="sigmoid" if spec.scoring_func == "sigmoid" else "softmax",
+                   normalize_top_k=spec.model_type in ("mixtral", "gpt_oss") or bool(spec.norm_topk_prob),
+                   n_groups=spec.n_group, topk_groups=spec.topk_group if spec.n_group > 1 else None,
+                   routed_scaling_factor=spec.routed_scaling_factor, router_bias=spec.router_bias,
+                   n_shared_experts=spec.n_shared_experts,
+                   shared_d_ff=(spec.shared_intermediate_size or None) if spec.n_shared_experts else None,
+                   shared_expert_gate=spec.shared_expert_gate)
+    if spec.expert_activation == "gpt_oss_swiglu":  # softmax over the top-k logits = renormalised top-k of p
+        options.update(activation="swiglu_clamped", expert_bias=True, swiglu_alpha=spec.swiglu_alpha,
+                       swiglu_limit=spec.swiglu_limit)
+    return options
 
 
 class HFDecoderLayer(Module):
@@ -59,14 +77,14 @@ class HFDecoderLayer(Module):
         super().__init__()
         hidden, eps = spec.hidden_size, spec.rms_norm_eps
         self.input_layernorm = RMSNorm(hidden, eps=eps, dtype=dtype, device=device)
-        self.self_attn = HFAttention(spec, layer, dtype, device, generator)
+        attention = MultiHeadLatentAttention if spec.model_type == "deepseek_v3" else HFAttention
+        self.self_attn = attention(spec, layer, dtype, device, generator)
         self.post_attention_layernorm = RMSNorm(hidden, eps=eps, dtype=dtype, device=device)
         self.is_moe = bool(spec.moe_layers[layer])
         if self.is_moe:
-            normalize = True if spec.model_type == "mixtral" else bool(spec.norm_topk_prob)
             self.mlp = MoE(d_model=hidden, d_ff=spec.moe_intermediate_size, n_experts=spec.n_experts,
-                           top_k=spec.top_k, router="softmax", normalize_top_k=normalize, capacity_factor=None,
-                           dtype=dtype.name, device=device, generator=generator, name=f"model.layers.{layer}.mlp")
+                           top_k=spec.top_k, capacity_factor=None, dtype=dtype.name, device=device,
+                           generator=generator, name=f"model.layers.{layer}.mlp", **moe_options(spec))
         else:
             self.mlp = SwiGLU(hidden, spec.intermediate_size, dtype=dtype, device=device, generator=generator)
 
@@ -180,10 +198,12 @@ class HFCausalLM(Module):
         their two experts directly (`_moe_arrays`), others run their module. For one new token (L == 1) the
         logits equal the regular forward's bit for bit (test_generation); for L > 1 (a prefill) the head runs on
         the last row only, a GEMV instead of a GEMM over every row, and agrees to rounding. Elsewhere (grad
-        mode, CuPy, bad ids) it runs the regular forward, which raises its errors."""
+        mode, CuPy, bad ids, DeepSeek-V3's latent attention) it runs the regular forward, which raises its
+        errors."""
         ids = np.asarray(input_ids)
         weight = self.model.embed_tokens.weight
         if (is_grad_enabled() or cache is None or not isinstance(weight.data, np.ndarray) or ids.ndim != 2
+                or self.spec.model_type == "deepseek_v3"
                 or ids.shape[0] != cache.batch or ids.dtype.kind not in "iu"):
             return self(input_ids, cache).data[:, -1]
         if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= self.spec.vocab_size):

@@ -6,6 +6,9 @@ over L new tokens writes their keys/values at [length, length + L) and attends o
 queries then sit at positions length .. length + L − 1, which is what `grouped_query_attention` assumes
 (query i is at Lk − Lq + i). `advance(L)` moves `length` on once every layer has written.
 
+DeepSeek-V3's latent attention (hf_mla.py) stores its compressed latent in the keys slot (B, 1, capacity,
+kv_lora_rank) and its rotated shared rope key in the values slot (B, 1, capacity, qk_rope_head_dim).
+
 The cache is for inference only: its buffers hold plain arrays, so no gradient flows through cached keys.
 """
 from __future__ import annotations

@@ -6,8 +6,9 @@ them. bfloat16 tensors are widened by tinymoe.io's reader, then cast to `dtype`.
 implies must be present with its shape and no other key may be (hf_checkpoint.load_tensors); errors name
 the key, the file and the config fields behind the expectation.
 
-Not implemented yet (NotImplementedError naming the model_type): deepseek_v3, qwen2_moe, gpt_oss; what
-each needs from tinymoe.nn.MoE is listed in NOT_IMPLEMENTED (hf_model.py).
+Every model_type parse_hf_config knows runs (llama, qwen2, qwen3, mixtral, qwen2_moe, qwen3_moe, olmoe,
+deepseek_v3, gpt_oss). Not read: quantized checkpoints (a quantization_config, e.g. GPT-OSS's released MXFP4
+experts stored as *_blocks / *_scales, is a ValueError from parse_hf_config); dequantize them to bf16/fp32.
 """
 from __future__ import annotations
 
