@@ -83,8 +83,10 @@ def moe_decisions(moe, x=0, *, reseed=None):
     each token's chosen experts (expert choice: K = E, ids 0..E-1) and which assignments survive capacity
     (and, for expert choice, which (token, expert) pairs were selected at all).
 
-    If the layer records its decisions (`moe.last_decisions`, a (expert_ids, kept) pair set by each forward),
-    they are read from there. Otherwise they are recomputed with the layer's own router and routing plan
+    The decisions of the layer's last forward are read from `moe.last_decisions` (the (expert_ids, kept) pair
+    every MoE forward sets; gradcheck calls state right after fn, so they are fn's). They are recomputed
+    instead when reseed is given (the decisions under that seed), before the first forward, and for a layer
+    without last_decisions: recomputed with the layer's own router and routing plan
     under no_grad, at the current inputs (capacity_per="sequence": capacity counted per sequence of the input
     (..., L, d)); the router's noise generator and its non-gradient state (sigmoid load and bias, the ReLU
     router's l1_coefficient, last_sparsity, pending_load, pending_gates) are left as they were, so the
@@ -102,7 +104,7 @@ def moe_decisions(moe, x=0, *, reseed=None):
 
     def state(*inputs):
         recorded = getattr(moe, "last_decisions", None)
-        if recorded is not None:
+        if recorded is not None and reseed is None:
             expert_ids, kept = recorded
             return np.asarray(to_numpy(expert_ids)).astype(np.int64), np.asarray(to_numpy(kept)).astype(bool)
         tokens = x if isinstance(x, Tensor) else _input_at(inputs, x)

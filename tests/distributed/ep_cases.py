@@ -191,6 +191,67 @@ def case_divisibility_error(comm):
         raise AssertionError("n_experts not divisible by P must raise")
 
 
+def case_global_and_sequence_balance_over_micro_batches_and_ranks(comm):
+    """balance="global" (Qiu et al. 2025) and "sequence" (DeepSeek-V3) under expert parallelism with 2
+    micro-batches per rank (accumulate_gradients, all_reduce over the ranks): the step equals one process
+    computing one call on the whole batch of 2·P micro-batches (float64, 1e-12): loss, every parameter
+    gradient, the input gradient, and the sigmoid router's one bias update from the load of the whole step.
+
+    Micro-batch j of rank r holds sequences (j·P + r)·B_r ... of the big batch (B_r = 2 sequences of L = 3).
+    L_jr = <out, cot>/T_r + aux + z (means over the jr tokens), J = mean_jr L_jr is the big batch's mean loss;
+    after reduce_gradients every parameter gradient is dJ/dθ and the input gradient of rank r is P·dJ/dx."""
+    from tinymoe.train.accumulation import accumulate_gradients
+
+    size, rank, n_experts, n_micro, per_batch, length = comm.size, comm.rank, 2 * comm.size, 2, 2, 3
+    tokens = per_batch * length
+    for index, (router, balance) in enumerate([("softmax", "global"), ("sigmoid", "global"),
+                                               ("softmax", "sequence")]):
+        options = dict(d_model=D_MODEL, d_ff=7, n_experts=n_experts, top_k=2, router=router, dtype="float64",
+                       balance=balance, bias_update_rate=0.01 if router == "sigmoid" else None)
+        what = f"{router} balance={balance}"
+        n_sequences = n_micro * size * per_batch
+        x = np.random.default_rng([40, index]).standard_normal((n_sequences, length, D_MODEL))
+        cotangent = np.random.default_rng([41, index]).standard_normal((n_sequences, length, D_MODEL))
+        single = tm.nn.MoE(**options, generator=index)
+        layer = ExpertParallelMoE(**options, comm=comm, generator=index)
+
+        def loss_of(moe, inputs, cot):
+            out = moe(inputs)
+            return (out * tm.tensor(cot, dtype="float64")).sum() / (cot.size // D_MODEL) + moe.aux_loss + moe.z_loss
+
+        big = tm.tensor(x, dtype="float64", requires_grad=True)
+        expected = loss_of(single, big, cotangent)
+        expected.backward()
+
+        mine = [slice((j * size + rank) * per_batch, (j * size + rank + 1) * per_batch) for j in range(n_micro)]
+        inputs = [tm.tensor(x[rows], dtype="float64", requires_grad=True) for rows in mine]
+        batches = [(inputs[j], cotangent[rows]) for j, rows in enumerate(mine)]
+        losses = accumulate_gradients(layer, lambda batch: loss_of(layer, *batch), batches,
+                                      all_reduce=comm.allreduce_sum)
+        reduce_gradients(layer.parameters(), comm, sharded_parameters(layer))
+        step_loss = comm.allreduce_mean(np.array([np.mean([float(loss.numpy()) for loss in losses])]))[0]
+        close(step_loss, float(expected.numpy()), f"{what}: loss")
+        for j, rows in enumerate(mine):
+            close(inputs[j].grad, size * big.grad[rows], f"{what}: input gradient of micro-batch {j}")
+        lo, hi = layer.expert_range.start, layer.expert_range.stop
+        single_grads = dict(single.named_parameters())
+        for name, parameter in layer.named_parameters():
+            reference = single_grads[name].grad
+            close(parameter.grad, reference[lo:hi] if name.startswith("experts.") else reference,
+                  f"{what}: gradient of {name}")
+        assert layer.router.global_load is None  # cleared after the step
+        if router == "sigmoid":  # one update, from the load of the whole step on every rank
+            assert np.abs(layer.router.bias).sum() > 0
+            np.testing.assert_array_equal(layer.router.bias, single.router.bias, err_msg=f"{what}: bias")
+        if balance == "global":  # the oracle of the oracle: f from a plain count of the big batch's top-2
+            p = probabilities(x.reshape(-1, D_MODEL), single.router.weight.numpy(), router)
+            logits = x.reshape(-1, D_MODEL) @ single.router.weight.numpy().T
+            scores = p if router == "softmax" else 1 / (1 + np.exp(-logits))
+            chosen = np.argsort(-scores, axis=1, kind="stable")[:, :2]
+            f = np.bincount(chosen.reshape(-1), minlength=n_experts) / chosen.size
+            close(float(single.aux_loss.numpy()), n_experts * float((f * p.mean(axis=0)).sum()), f"{what}: aux")
+
+
 MODEL = dict(vocab_size=11, d_model=8, n_layers=2, n_heads=2, max_seq_len=6, dtype="float64",
              moe={"d_ff": 6, "n_experts": 4, "top_k": 2})
 BATCH, STEPS = 4, 3
@@ -252,6 +313,42 @@ def case_training_equals_single_process(comm):
         close(val, reference.loss(*data[0])[1]["cross_entropy"], f"{router}: validation loss")
 
 
+def case_grad_accum_training_equals_one_big_batch(comm):
+    """--grad-accum 2 under expert parallelism (ParallelTraining.step): with balance="global" and dropless
+    routing, 3 steps of 2 micro-batches x P ranks equal one process taking 3 steps on the whole batches
+    (float64, 1e-12): losses, parameters, optimizer moments, the sigmoid bias; the step's statistics count
+    every micro-batch of every rank."""
+    from tinymoe.train.distributed import ParallelTraining
+
+    for router in ("softmax", "sigmoid"):
+        moe = dict(MODEL["moe"], router=router, balance="global",
+                   bias_update_rate=0.01 if router == "sigmoid" else None)
+        config = TransformerConfig(**dict(MODEL, moe=moe))
+        data = [(np.concatenate([a, c]), np.concatenate([b, d])) for (a, b), (c, d)
+                in zip(batches(STEPS, seed=50), batches(STEPS, seed=51))]  # 2·BATCH sequences a step
+        reference, reference_optimizer, reference_losses = single_process_run(config, data)
+        model, optimizer = make(config, comm)
+        parallel = ParallelTraining(comm, BATCH, grad_accum=2)
+        parallel.sharded = sharded_parameters(model)
+        losses = []
+        for inputs, targets in data:
+            losses.append(parallel.step(model, optimizer, inputs, targets, 0.5)["total"])
+            layer_counts, _ = parallel.layer_statistics(model)
+            assert [int(kept.sum()) for kept, _, _ in layer_counts] == [2 * BATCH * 6 * 2] * 2, layer_counts
+            assert [h.tolist() for _, _, h in layer_counts] == [[0, 0, 2 * BATCH * 6]] * 2, layer_counts
+        close(losses, reference_losses, f"{router}: training losses")
+        state = gather_model_state(model, comm)
+        for name, value in reference.state_dict().items():
+            close(state[name], value, f"{router}: parameter {name} after {STEPS} steps")
+        optimizer_state = gather_optimizer_state(optimizer, model, comm)
+        for position, entry in reference_optimizer.state_dict()["state"].items():
+            for key, value in entry.items():
+                close(optimizer_state["state"][position][key], value, f"{router}: optimizer {position}/{key}")
+        val = parallel.evaluate(model, data[:1])
+        reference.eval()
+        close(val, reference.loss(*data[0])[1]["cross_entropy"], f"{router}: validation loss")
+
+
 def case_checkpoint_round_trip_and_resume_under_other_sizes(comm):
     """Train 2 steps on P ranks, write the checkpoint (one-process format) from rank 0, resume it under every
     P' in {1, 2, 4} with P' <= P (groups of P' ranks, each a whole replica) for one more step: every result
@@ -294,8 +391,8 @@ def case_checkpoint_round_trip_and_resume_under_other_sizes(comm):
 
 
 CASES = [case_layer_equals_single_process, case_noisy_training_mode_gradient, case_every_token_to_one_expert,
-         case_divisibility_error,
-         case_training_equals_single_process,
+         case_divisibility_error, case_global_and_sequence_balance_over_micro_batches_and_ranks,
+         case_training_equals_single_process, case_grad_accum_training_equals_one_big_batch,
          case_checkpoint_round_trip_and_resume_under_other_sizes]
 
 

@@ -155,8 +155,6 @@ def test_the_layers_collective_ops_pass_gradcheck_on_one_rank():
 
 @pytest.mark.parametrize("options, message", [
     (dict(n_null_experts=2), "does not support n_null_experts=2"),
-    (dict(balance="sequence"), "balance='batch' only (got balance='sequence')"),
-    (dict(balance="global"), "balance='batch' only (got balance='global')"),
     (dict(capacity_factor=1.0, capacity_per="sequence"), "capacity_per='sequence' is not supported"),
 ])
 def test_options_the_layer_would_get_wrong_are_refused_naming_them(options, message):

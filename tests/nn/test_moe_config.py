@@ -10,7 +10,7 @@ import pytest
 import tinymoe as tm
 from moe_helpers import inputs, set_parameter
 from tinymoe.nn import Experts, MoE, MoEConfig, Router
-from tinymoe.nn import moe as moe_module
+from tinymoe.nn import moe_stats as moe_module  # where MoEStats reads its host values
 
 SIZES = dict(d_model=6, d_ff=5, n_experts=4)
 

@@ -20,6 +20,14 @@ Global statistics, so the objective J = (1/P) Σ_r L_r (L_r: rank r's loss, a me
 the single-process loss on the concatenated batch (equal T_r on every rank):
   aux_loss   E · Σ_e f_e · P_e^r with f_e from the all-reduced counts and P_e^r rank r's mean probability;
              (1/P) Σ_r aux_r = E · Σ_e f_e P_e, the global value, and so is its gradient.
+             balance="global" (Qiu et al. 2025): f_e from `router.global_load` when set, the counts of every
+             micro-batch of the optimizer step summed and all-reduced over the ranks by
+             `tinymoe.train.accumulate_gradients(..., all_reduce=comm.allreduce_sum)`; the mean over
+             micro-batches and ranks is then E · Σ_e f_e^global · P̄_e, the loss of the whole step's batch. Without
+             it (global_load None) f_e counts this forward on every rank, as balance="batch".
+             balance="sequence" (DeepSeek-V3 eq. 17–20): the batch is split over ranks by whole sequences, so
+             each rank's per-sequence loss (its x (..., L, d) of B_r sequences) needs nothing from the others;
+             with equal B_r the mean over ranks of those means is the mean over every sequence: exact.
   importance / load (noisy)  CV² of the global sums: the (T_r, E) inputs are all-gathered (`AllGatherRows`,
              backward: all-reduce then take my rows), so every rank evaluates the single-process loss.
   sigmoid bias  the aux-free update (DeepSeek-V3) sees the global load, identical on every rank; under the
@@ -33,7 +41,7 @@ Gradient scaling (done by `tinymoe.train.distributed.reduce_gradients`): replica
 over ranks; a local expert's gradient already sums the contributions of every rank's tokens (they came
 through the exchange), so it is divided by P.
 Not supported (refused with a ValueError naming the option): n_null_experts (the aux loss here counts the E
-real experts only), balance other than "batch", capacity_per="sequence", and router="relu" over P > 1 ranks
+real experts only), capacity_per="sequence", and router="relu" over P > 1 ranks
 (its L1 coefficient would step on each rank's own sparsity, so the replicated routers would drift apart). `stats` holds this rank's routing; `exchange_stats` the rows
 and bytes this rank exchanged and the seconds spent in the all-to-alls (forward and backward).
 """
@@ -54,7 +62,8 @@ from ..functional import linear
 from ..functional.activations import sigmoid
 from ..functional.dispatch import combine_rows_unchecked, gather_rows_unchecked, routing_plan_unchecked
 from .module import Module, Parameter
-from .moe import MoE, MoEStats
+from .moe import MoE
+from .moe_stats import MoEStats
 from .router_losses import ImportanceLoss, LoadBalanceLoss, NoisyLoadLoss
 
 __all__ = ["AllGatherRows", "ExchangeStats", "ExpertParallelMoE", "expert_parallel"]
@@ -193,13 +202,18 @@ class ExpertParallelMoE(MoE):
         rate, router.bias_update_rate = router.bias_update_rate, None  # the update must see the global load
         pending_load = router.pending_load  # deferred: the router adds its local load; the global one goes in
         try:
-            routing = router(rows, layer_name=self.name)
+            routing = router(rows, layer_name=self.name, sequence_length=x.shape[-2] if x.ndim >= 2 else None)
         finally:
             router.bias_update_rate, router.pending_load = rate, pending_load
         requested = to_numpy(routing.requested_per_expert).astype(np.int64)
         global_requested = comm.allreduce_sum(requested)
-        fraction = global_requested / max(int(global_requested.sum()), 1)
-        aux_loss = LoadBalanceLoss.apply(routing.probs, xp.asarray(fraction.astype(routing.probs.dtype)))
+        if router.balance == "sequence":  # whole sequences on every rank: the router's own loss is exact
+            aux_loss = routing.aux_loss
+        else:  # "global" with the step's counts (micro-batches and ranks), else this forward's on every rank
+            counts = global_requested if router.balance == "batch" or router.global_load is None else \
+                np.asarray(router.global_load, dtype=np.float64)
+            fraction = counts / max(counts.sum(), 1)
+            aux_loss = LoadBalanceLoss.apply(routing.probs, xp.asarray(fraction.astype(routing.probs.dtype)))
         if self.training and router.kind == "sigmoid":
             router.last_load = global_requested
             if router.defer_updates:
@@ -208,6 +222,7 @@ class ExpertParallelMoE(MoE):
                 router.update_bias()
 
         plan = routing_plan_unchecked(routing.expert_ids, self.n_experts, routing.capacity, routing.valid)
+        self.last_decisions = (routing.expert_ids, plan.assignment_row >= 0)  # this rank's tokens, as MoE's
         dispatched = gather_rows_unchecked(rows, plan.row_token, token_rows=plan.assignment_row)
         exchange = plan_expert_exchange(plan.kept_per_expert, comm)
         meter = self.exchange_stats
@@ -271,9 +286,6 @@ def _refuse_unsupported_options(config, n_ranks: int, name: str) -> None:
         raise ValueError(f"{name}: ExpertParallelMoE does not support n_null_experts={config.n_null_experts} yet "
                          "(its global aux loss counts the E real experts, the router's probabilities cover E + m "
                          "outputs); use n_null_experts=0 or the single-process MoE")
-    if config.balance != "batch":
-        raise ValueError(f"{name}: ExpertParallelMoE supports balance='batch' only (got balance={config.balance!r}): "
-                         "its aux loss is the global batch balance")
     if config.capacity_per != "batch":
         raise ValueError(f"{name}: ExpertParallelMoE counts capacity per rank's token group; "
                          f"capacity_per={config.capacity_per!r} is not supported (use 'batch')")

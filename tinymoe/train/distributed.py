@@ -11,9 +11,14 @@ of each MoE layer per rank (`tinymoe.nn.expert_parallel`); everything else is re
     optimizer.step()
 
 so the parameters follow dJ/dθ of J = (1/P) Σ_r L_r, which with B/P sequences per rank is the single-process
-loss of the whole batch: a run under P ranks equals the one-process run up to rounding (dropless routing;
-capacity and expert choice act per rank's token group, see ExpertParallelMoE). Same seed and P give the same
-bits every run (the collectives reduce in rank order).
+loss of the whole batch. With grad_accum = N (`--grad-accum`) the global batch holds N·B sequences: micro-batch
+j is sequences [j·B, (j+1)·B), split over the ranks as above, and `accumulate_gradients` sums Σ_j ∇(L_rj / N)
+on every rank (its counting pass all-reduces balance="global"'s counts over the ranks, and its forwards'
+all-to-alls count in the exchange statistics, as the real traffic they are; the sigmoid bias steps once per
+step from the load of every micro-batch and rank): the one-process --grad-accum N step, hence the N·B batch's
+for dropless routing. So a run under P ranks equals the one-process run up to rounding (dropless
+routing; capacity and expert choice act per rank's token group, see ExpertParallelMoE). Same seed and P give
+the same bits every run (the collectives reduce in rank order).
 
 Checkpoints keep the one-process format: `gather_model_state` / `gather_optimizer_state` concatenate the
 expert tensors of every rank in rank order (= expert order), so rank 0 writes exactly what a one-process run
@@ -30,7 +35,9 @@ import numpy as np
 from ..distributed import Communicator
 from ..engine.backend import array_module
 from ..nn.expert_parallel import ExpertParallelMoE, expert_parallel
+from . import accumulation
 from .checkpoint import Checkpoint
+from .micro_batches import moe_counts
 
 __all__ = ["ParallelTraining", "clip_grad_norm_distributed", "distributed_evaluate", "distributed_train_step",
            "expert_parallel", "expert_shards", "gather_model_state", "gather_optimizer_state", "localize_checkpoint",
@@ -110,20 +117,34 @@ PART_NAMES = ("total", "cross_entropy", "aux", "z", "noisy")
 
 
 def distributed_train_step(model, optimizer, inputs, targets, comm: Communicator, grad_clip: float,
-                           sharded: set | None = None) -> dict:
-    """One data- and expert-parallel optimizer step on the global batch (inputs, targets) (B, L), the same
-    arrays on every rank (draw them from one generator state). Returns the loss parts of model.loss averaged
-    over ranks (the global batch's values) and "grad_norm". Collective: every rank calls it each step.
-    Raises FloatingPointError, on every rank alike, when the global loss is not finite."""
+                           sharded: set | None = None, grad_accum: int = 1, layer_counts: list | None = None) -> dict:
+    """One data- and expert-parallel optimizer step on the global batch (inputs, targets) (grad_accum·B, L), the
+    same arrays on every rank (draw them from one generator state), in grad_accum micro-batches (module
+    docstring). Returns the loss parts of model.loss averaged over micro-batches and ranks (the global batch's
+    values) and "grad_norm". layer_counts: a list to fill with this rank's per-MoE-layer (kept per expert,
+    dropped fraction, experts-per-token histogram) of the step, summed (dropped: averaged) over the
+    micro-batches. Collective: every rank calls it each step. Raises FloatingPointError, on every rank alike,
+    when a global loss is not finite (before its backward)."""
     sharded = sharded_parameters(model) if sharded is None else sharded
-    local_inputs, local_targets = split_batch(inputs, targets, comm)
-    total, parts = model.loss(local_inputs, local_targets)
-    parts = global_parts(parts, comm)
-    if not math.isfinite(parts["total"]):
-        raise FloatingPointError(f"the loss became {parts['total']} (mean over {comm.size} ranks); "
-                                 "lower --lr or raise --grad-clip")
+
+    def micro_loss(batch):
+        total, parts = model.loss(*split_batch(*batch, comm))
+        parts = global_parts(parts, comm)
+        if not math.isfinite(parts["total"]):
+            raise FloatingPointError(f"the loss became {parts['total']} (mean over {comm.size} ranks); "
+                                     "lower --lr or raise --grad-clip")
+        return total, parts
+
+    micro_counts = []
     optimizer.zero_grad()
-    total.backward()
+    results = accumulation.accumulate_gradients(
+        model, micro_loss, accumulation.split_batch((inputs, targets), grad_accum), all_reduce=comm.allreduce_sum,
+        after_each=lambda index, result: micro_counts.append(moe_counts(model)))
+    parts = {key: float(np.mean([result[1][key] for result in results])) for key in results[0][1]}
+    if layer_counts is not None:
+        layer_counts[:] = [(sum(step[i][0] for step in micro_counts),
+                            float(np.mean([step[i][1] for step in micro_counts])),
+                            sum(step[i][2] for step in micro_counts)) for i in range(len(micro_counts[0]))]
     parameters = optimizer.parameters()
     reduce_gradients(parameters, comm, sharded)
     parts["grad_norm"] = clip_grad_norm_distributed(parameters, grad_clip, comm, sharded)
@@ -137,34 +158,44 @@ def global_parts(parts: dict, comm: Communicator) -> dict:
     return dict(parts, **{name: float(value) for name, value in zip(PART_NAMES, values) if name in parts})
 
 
-def distributed_evaluate(model, batches, comm: Communicator) -> float:
-    """Mean cross-entropy over `batches` (each a global (inputs, targets), split over ranks); the same value
-    on every rank. Every rank runs every forward (the MoE layers exchange rows)."""
+def distributed_evaluate(model, batches, comm: Communicator, grad_accum: int = 1) -> float:
+    """Mean cross-entropy over `batches` (each a global (inputs, targets), in grad_accum equal micro-batches,
+    each split over ranks: the token groups of training); the same value on every rank. Every rank runs every
+    forward (the MoE layers exchange rows)."""
     from ..engine.autograd import no_grad
 
     was_training = model.training
     model.eval()
     with no_grad():
-        losses = [model.loss(*split_batch(inputs, targets, comm))[1]["cross_entropy"] for inputs, targets in batches]
+        losses = [model.loss(*split_batch(*micro, comm))[1]["cross_entropy"] for batch in batches
+                  for micro in accumulation.split_batch(batch, grad_accum)]
     model.train(was_training)
     return float(comm.allreduce_mean(np.array([np.mean(losses)]))[0])
 
 
-def step_statistics(model, comm: Communicator) -> dict:
+def step_statistics(model, comm: Communicator, layer_counts: list | None = None) -> dict:
     """Routing and exchange statistics of the last step, the same dict on every rank (for metrics.jsonl):
-    tokens_per_expert (per MoE layer, global counts), dropped_fraction (per layer, mean over ranks), and per
-    layer and rank: rows_received, bytes_sent, bytes_received, exchange_seconds. Resets the exchange meters."""
+    tokens_per_expert (per MoE layer, global counts), dropped_fraction (per layer, mean over ranks),
+    experts_per_token_histogram (per layer, summed over ranks), and per layer and rank: rows_received,
+    bytes_sent, bytes_received, exchange_seconds. Resets the exchange meters. layer_counts: this rank's
+    (kept, dropped, histogram) per layer (distributed_train_step's, over micro-batches); None: the last forward's."""
     layers = [module for _, module in model.named_modules() if isinstance(module, ExpertParallelMoE)]
     if not layers:
         return {}
-    kept = comm.allreduce_sum(np.stack([layer.stats.kept_per_expert for layer in layers]))
-    dropped = comm.allreduce_mean(np.array([layer.stats.dropped_fraction for layer in layers], dtype=np.float64))
+    layer_counts = [(layer.stats.kept_per_expert, layer.stats.dropped_fraction, layer.stats.experts_per_token_histogram)
+                    for layer in layers] if layer_counts is None else layer_counts
+    kept = comm.allreduce_sum(np.stack([counts[0] for counts in layer_counts]))
+    dropped = comm.allreduce_mean(np.array([counts[1] for counts in layer_counts], dtype=np.float64))
+    histograms = [np.asarray(counts[2], dtype=np.int64) for counts in layer_counts]
+    summed = comm.allreduce_sum(np.concatenate(histograms))  # one reduction; layers may differ in K
+    bounds = np.cumsum([0] + [h.size for h in histograms])
     fields = ("rows_received", "bytes_sent", "bytes_received", "seconds")
     mine = np.array([[float(getattr(layer.exchange_stats, name)) for name in fields] for layer in layers])
     every = comm.allgather_rows(mine[None])  # (P, layers, fields)
     for layer in layers:
         layer.reset_exchange_stats()
-    stats = {"tokens_per_expert": kept.tolist(), "dropped_fraction": dropped.tolist()}
+    stats = {"tokens_per_expert": kept.tolist(), "dropped_fraction": dropped.tolist(),
+             "experts_per_token_histogram": [summed[a:b].tolist() for a, b in zip(bounds[:-1], bounds[1:])]}
     for index, name in enumerate(fields):
         key = "exchange_seconds" if name == "seconds" else name
         column = every[:, :, index].T  # (layers, P)
@@ -237,7 +268,7 @@ class ParallelTraining:
         parallel = ParallelTraining(comm, batch_size)   # checks --batch-size against P
         model = parallel.prepare(model)                 # before building the optimizer
         parts = parallel.step(model, optimizer, inputs, targets, grad_clip)
-        counts, dropped, exchange = parallel.layer_statistics(model)
+        layer_counts, exchange = parallel.layer_statistics(model)
         val = parallel.evaluate(model, batches)
         model_state, optimizer_state = parallel.checkpoint_state(model, optimizer)   # then rank 0 writes
         checkpoint = parallel.localize(checkpoint, model, optimizer)                   # after load_checkpoint
@@ -245,14 +276,14 @@ class ParallelTraining:
         if parallel.root_decides(self._checkpoint_due()): ...   # time-based decisions taken by rank 0
     """
 
-    def __init__(self, comm: Communicator, batch_size: int):
+    def __init__(self, comm: Communicator, batch_size: int, grad_accum: int = 1):
         if not isinstance(comm, Communicator):
             raise TypeError(f"ParallelTraining: comm must be a tinymoe.distributed.Communicator, got "
                             f"{type(comm).__name__}")
         if batch_size % comm.size:
             raise ValueError(f"--batch-size {batch_size} is not divisible by the {comm.size} ranks of "
                              f"--expert-parallel {comm.size}: every rank takes batch_size/P sequences")
-        self.comm, self.sharded = comm, set()
+        self.comm, self.sharded, self.grad_accum, self.layer_counts = comm, set(), grad_accum, []
 
     @property
     def is_main(self) -> bool:
@@ -266,16 +297,19 @@ class ParallelTraining:
         return model
 
     def step(self, model, optimizer, inputs, targets, grad_clip: float) -> dict:
-        return distributed_train_step(model, optimizer, inputs, targets, self.comm, grad_clip, self.sharded)
+        return distributed_train_step(model, optimizer, inputs, targets, self.comm, grad_clip, self.sharded,
+                                      self.grad_accum, self.layer_counts)
 
     def layer_statistics(self, model):
-        """(global kept rows per expert per layer, dropped fraction per layer, exchange statistics) of the step."""
-        stats = step_statistics(model, self.comm)
+        """(per MoE layer (global kept rows per expert, dropped fraction, experts-per-token histogram summed over
+        ranks), exchange statistics) of the step."""
+        stats = step_statistics(model, self.comm, self.layer_counts or None)
         counts = [np.asarray(layer, dtype=np.int64) for layer in stats.pop("tokens_per_expert")]
-        return counts, stats.pop("dropped_fraction"), stats
+        histograms = [np.asarray(layer, dtype=np.int64) for layer in stats.pop("experts_per_token_histogram")]
+        return list(zip(counts, stats.pop("dropped_fraction"), histograms)), stats
 
     def evaluate(self, model, batches) -> float:
-        return distributed_evaluate(model, batches, self.comm)
+        return distributed_evaluate(model, batches, self.comm, self.grad_accum)
 
     def checkpoint_state(self, model, optimizer):
         """(model state, optimizer state) in the one-process format: whole experts, gathered (collective)."""

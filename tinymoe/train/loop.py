@@ -7,7 +7,7 @@ Files written to the output directory:
                     the last save, checked between steps), and when the run is interrupted (Ctrl-C)
     metrics.jsonl   one JSON object per evaluation
     summary.json    final val_loss, unigram_loss, steps, seconds, device, ...
-    loss.png, expert_load.png   when matplotlib is installed
+    loss.png, expert_load.png   when matplotlib is installed (and experts_per_token.png when that count varies)
 
 A checkpoint is only ever written between two steps, with finite weights: an interrupted run, a diverged run
 and a full disk all leave the last good checkpoint in place.
@@ -38,6 +38,8 @@ from .metrics_log import METRICS_NAME, append_metrics, read_metrics, rewrite_met
 from .plots import plot_run
 from .progress import Progress
 from .train_config import MAY_CHANGE_ON_RESUME, TrainConfig, train_config_differences  # noqa: F401
+from .window_stats import (adaptive_compute, add_layer_counts, empty_window, row_fields, step_experts_per_token,
+                           window_from_meta, window_meta)
 
 CHECKPOINT_NAME = "checkpoint.npz"
 class DivergenceError(FloatingPointError):
@@ -64,9 +66,8 @@ class Trainer:
         if train_config.seq_len > model_config.max_seq_len:
             raise ValueError(f"seq_len={train_config.seq_len} exceeds the model's max_seq_len={model_config.max_seq_len}")
         self.model = MoETransformer(model_config, device=train_config.device, seed=train_config.seed)
-        self.parallel = None if comm is None or comm.size == 1 else ParallelTraining(comm, train_config.batch_size)
-        if self.parallel and train_config.grad_accum > 1:
-            raise ValueError(f"grad_accum={train_config.grad_accum} does not work with expert parallelism yet")
+        self.parallel = (None if comm is None or comm.size == 1 else
+                         ParallelTraining(comm, train_config.batch_size, train_config.grad_accum))
         if self.parallel:  # before the optimizer: the expert parameters become this rank's slices
             self.parallel.prepare(self.model)
         self.is_main = self.parallel is None or self.parallel.is_main
@@ -81,7 +82,7 @@ class Trainer:
                                        train_config.seq_len)
                             for _ in range(train_config.eval_batches)]
         self.step, self.seconds, self.metrics = 0, 0.0, []
-        self.window = self._empty_window()
+        self.window = empty_window(self.model)
         self.saved_step, self._last_save = None, time.monotonic()  # the step checkpoint.npz holds (None: none)
 
     @property
@@ -112,8 +113,7 @@ class Trainer:
             "seconds": self.seconds, "vocab": self.data.vocab, "schedule": self.schedule.state_dict(),
             "generators": generator_states(self.model),
             "batch_generator": self.batch_generator.bit_generator.state,
-            "window": {key: ([c.tolist() for c in value] if key == "counts" else value)
-                       for key, value in self.window.items()},
+            "window": window_meta(self.window),
         }
         try:
             if self.is_main:
@@ -140,7 +140,7 @@ class Trainer:
             raise CheckpointError(f"{path} was trained with other settings, which cannot change on resume: "
                                   + "; ".join(f"{name}: checkpoint {saved!r} vs given {given!r}"
                                               for name, saved, given in differences))
-        window = self._window_from(meta.get("window"), path)
+        window = window_from_meta(meta.get("window"), self.model, path)
         if self.parallel:  # every rank reads the file and keeps its slice of the experts (any P dividing E)
             checkpoint = self.parallel.localize(checkpoint, self.model, self.optimizer)
         restore_training_state(checkpoint, path, self.model, self.optimizer, self.schedule, self.batch_generator)
@@ -152,27 +152,6 @@ class Trainer:
                 rewrite_metrics(self.metrics_path, self.metrics)
         except OSError as error:
             raise self._output_error(self.metrics_path, error) from None
-
-    def _empty_window(self) -> dict:
-        """What the next evaluation row averages: per-step losses, tokens and time, per-layer expert counts."""
-        n_experts = [layer.n_experts for layer in self.model.moe_layers()]
-        return {"loss": [], "aux": [], "z": [], "tokens": 0, "seconds": 0.0,
-                "counts": [np.zeros(n, dtype=np.int64) for n in n_experts], "dropped": [[] for _ in n_experts]}
-
-    def _window_from(self, saved, path) -> dict:
-        window = self._empty_window()
-        if saved is None:  # checkpoints of earlier releases were written at evaluations only: an empty window
-            return window
-        try:
-            counts = [np.array(c, dtype=np.int64) for c in saved["counts"]]
-            if [c.shape for c in counts] != [c.shape for c in window["counts"]]:
-                raise ValueError(f"expert counts of shapes {[c.shape for c in counts]}")
-            window.update({key: [float(v) for v in saved[key]] for key in ("loss", "aux", "z")},
-                          tokens=int(saved["tokens"]), seconds=float(saved["seconds"]), counts=counts,
-                          dropped=[[float(v) for v in layer] for layer in saved["dropped"]])
-        except (KeyError, TypeError, ValueError) as error:
-            raise CheckpointError(f"{path} has damaged metadata: window {error}") from None
-        return window
 
     def _diverged(self, what: str) -> DivergenceError:
         kept = (f"the last good checkpoint, {self.checkpoint_path} at step {self.saved_step}, is kept"
@@ -255,25 +234,21 @@ class Trainer:
             total.backward()
             clip_grad_norm(self.optimizer.parameters(), config.grad_clip)
             self.optimizer.step()
-            layer_counts = moe_counts(model)  # per MoE layer (kept per expert, dropped fraction); host values
+            layer_counts = moe_counts(model)  # per MoE layer (kept per expert, dropped, histogram); host values
         self.schedule.step()
         self.step += 1
         elapsed = time.perf_counter() - started
         self.seconds += elapsed
         if self.parallel:  # global counts; per-rank rows received, bytes and seconds of the all-to-alls
-            counts, dropped, exchange = self.parallel.layer_statistics(model)
-            for index in range(len(counts)):
-                window["counts"][index] += counts[index]
-                window["dropped"][index].append(float(dropped[index]))
+            layer_counts, exchange = self.parallel.layer_statistics(model)
             self._accumulate_exchange(exchange)
-        for index, (kept, dropped) in enumerate(layer_counts or ()):
-            window["counts"][index] += kept
-            window["dropped"][index].append(dropped)
+        add_layer_counts(window, layer_counts)
         for key in ("loss", "aux", "z"):
             window[key].append(float(parts["cross_entropy" if key == "loss" else key]))
         window["tokens"] += int(inputs.size)
         window["seconds"] += elapsed
-        progress.update(self.step, parts["cross_entropy"], parts["aux"], inputs.size / elapsed)
+        progress.update(self.step, parts["cross_entropy"], parts["aux"], inputs.size / elapsed,
+                        step_experts_per_token(layer_counts) if adaptive_compute(model) else None)
 
     def _accumulate_exchange(self, exchange: dict) -> None:
         """Sum per layer and rank, over the steps since the last evaluation, what the all-to-alls moved."""
@@ -293,9 +268,7 @@ class Trainer:
             "step": self.step, "train_loss": float(np.mean(window["loss"])), "val_loss": val_loss,
             "aux_loss": float(np.mean(window["aux"])), "z_loss": float(np.mean(window["z"])),
             "tokens_per_second": window["tokens"] / max(window["seconds"], 1e-9),
-            "tokens_per_expert": [counts.tolist() for counts in window["counts"]],
-            "dropped_fraction": [float(np.mean(d)) if d else 0.0 for d in window["dropped"]],
-            "lr": self.optimizer.lr,
+            **row_fields(window), "lr": self.optimizer.lr,
         }
         if self.parallel:  # per layer, per rank: rows_received, bytes_sent, bytes_received, exchange_seconds
             row["expert_parallel"] = dict(self.window.get("exchange", {}), ranks=self.parallel.comm.size)
@@ -305,7 +278,7 @@ class Trainer:
         except OSError as error:
             raise self._output_error(self.metrics_path, error) from None
         self.metrics.append(row)
-        self.window = self._empty_window()
+        self.window = empty_window(self.model)
         self.save()
         progress.message(f"eval at step {self.step}: val_loss {row['val_loss']:.4f}")
 

@@ -15,7 +15,7 @@ def accumulated_step(model, optimizer, inputs, targets, n_micro_batches: int, gr
     """zero_grad, accumulate over n micro-batches, clip, step. diverged(loss) -> the exception to raise when a
     micro-batch's loss is not finite (before its backward: nothing non-finite reaches the weights).
     Returns (parts averaged over the micro-batches, per MoE layer (kept per expert summed over them, dropped
-    fraction averaged))."""
+    fraction averaged, experts-per-token histogram summed)))."""
 
     def micro_loss(batch):
         total, parts = model.loss(*batch)
@@ -29,13 +29,16 @@ def accumulated_step(model, optimizer, inputs, targets, n_micro_batches: int, gr
     optimizer.step()
     parts = {key: float(np.mean([result[1][key] for result in results])) for key in results[0][1]}
     layers = [(sum(result[2][index][0] for result in results),
-               float(np.mean([result[2][index][1] for result in results]))) for index in range(len(results[0][2]))]
+               float(np.mean([result[2][index][1] for result in results])),
+               sum(result[2][index][2] for result in results)) for index in range(len(results[0][2]))]
     return parts, layers
 
 
 def moe_counts(model) -> list:
-    """Per MoE layer of the last forward: (kept per expert (E,) int64, dropped fraction): host values, no sync."""
-    return [(layer.stats.kept_per_expert, float(layer.stats.dropped_fraction)) for layer in model.moe_layers()]
+    """Per MoE layer of the last forward: (kept per expert (E,) int64, dropped fraction, experts-per-token
+    histogram (K+1,) int64): host values (the histogram syncs one bincount for the routers whose count varies)."""
+    return [(layer.stats.kept_per_expert, float(layer.stats.dropped_fraction),
+             layer.stats.experts_per_token_histogram) for layer in model.moe_layers()]
 
 
 def micro_batched_loss(model, inputs, targets, n_micro_batches: int) -> float:

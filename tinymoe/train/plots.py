@@ -18,8 +18,9 @@ def _pyplot():
 
 
 def plot_run(metrics: list, summary: dict, out_dir) -> list:
-    """Write loss.png (train/val loss and the unigram baseline) and expert_load.png (tokens per expert per
-    layer over training, as fractions). Returns the paths written."""
+    """Write loss.png (train/val loss and the unigram baseline), expert_load.png (tokens per expert per
+    layer over training, as fractions) and, when the router gives tokens a varying number of experts,
+    experts_per_token.png (see plot_experts_per_token). Returns the paths written."""
     plt = _pyplot()
     if plt is None or not metrics:
         return []
@@ -68,4 +69,43 @@ def plot_run(metrics: list, summary: dict, out_dir) -> list:
         figure.savefig(path, dpi=110)
         plt.close(figure)
         written.append(path)
-    return written
+    path = plot_experts_per_token(plt, metrics, out_dir)
+    return written + ([path] if path else [])
+
+
+def experts_vary(metrics: list) -> bool:
+    """True when some row's experts-per-token histogram has tokens outside its top bin (top_p, relu, expert
+    choice, null experts); False for plain top-k routing (every token k experts) and rows without histograms."""
+    return any(sum(histogram[:-1]) > 0 for row in metrics for histogram in row.get("experts_per_token_histogram")
+               or () if histogram)
+
+
+def plot_experts_per_token(plt, metrics: list, out_dir):
+    """experts_per_token.png: the mean experts per token of every MoE layer over training (top) and the last
+    evaluation window's histogram per layer (bottom). Written only when experts_vary(metrics); returns its path
+    or None."""
+    if not experts_vary(metrics):
+        return None
+    rows = [row for row in metrics if row.get("experts_per_token")]
+    steps = [row["step"] for row in rows]
+    figure, (means, bars) = plt.subplots(2, 1, figsize=(7, 6))
+    n_layers = len(rows[-1]["experts_per_token"])
+    for layer in range(n_layers):
+        means.plot(steps, [row["experts_per_token"][layer] for row in rows], marker=".", label=f"MoE layer {layer}")
+    means.set_xlabel("step")
+    means.set_ylabel("experts per token (mean)")
+    means.legend(fontsize=8)
+    width = 0.8 / max(n_layers, 1)
+    for layer, histogram in enumerate(rows[-1]["experts_per_token_histogram"]):
+        counts = np.asarray(histogram, dtype=np.float64)
+        bars.bar(np.arange(counts.size) + layer * width, counts / max(counts.sum(), 1.0), width=width,
+                 label=f"MoE layer {layer}")
+    bars.set_xlabel(f"experts chosen by a token (window ending at step {steps[-1]})")
+    bars.set_ylabel("share of tokens")
+    bars.legend(fontsize=8)
+    figure.suptitle("experts per token")
+    figure.tight_layout()
+    path = os.path.join(out_dir, "experts_per_token.png")
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path

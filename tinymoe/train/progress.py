@@ -34,15 +34,18 @@ class Progress:
             return None
         return sum(self.step_seconds) / len(self.step_seconds) * (self.total - step)
 
-    def update(self, step: int, loss: float, aux: float, tokens_per_second: float) -> None:
-        """Report that `step` (1-based) of `total` finished."""
+    def update(self, step: int, loss: float, aux: float, tokens_per_second: float,
+               experts_per_token: float | None = None) -> None:
+        """Report that `step` (1-based) of `total` finished. experts_per_token: shown ("| 1.7 experts/token") when
+        given; the loop gives it for the routers whose count varies (top_p, relu, expert choice, null experts)."""
         now = self.clock()
         if step - self.start_step > self.skip:
             self.step_seconds.append(now - self._last_time)
         self._last_time = now
         eta = self.eta(step)
         fraction = step / self.total
-        text = (f"step {step:>{len(str(self.total))}}/{self.total} | loss {loss:.4f} | aux {aux:.4f} | "
+        experts = "" if experts_per_token is None else f"{experts_per_token:.2f} experts/token | "
+        text = (f"step {step:>{len(str(self.total))}}/{self.total} | loss {loss:.4f} | aux {aux:.4f} | {experts}"
                 f"{tokens_per_second:,.0f} tok/s | ETA {'--:--' if eta is None else _duration(eta)}")
         if self.interactive:
             filled = int(24 * fraction)
