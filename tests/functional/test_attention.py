@@ -146,3 +146,43 @@ def test_attention_rejects_bad_input(device):
         sdpa(q, k, v, scale="auto")
     with pytest.raises(ValueError, match=r"k has shape \(2, 0, 4\): there must be at least one key"):
         sdpa(q, leaf(np.zeros((2, 0, 4)), device), leaf(np.zeros((2, 0, 4)), device))
+
+
+def test_in_place_forward_and_backward_equal_the_plain_formula_bitwise_and_leave_inputs_alone():
+    """The scores buffer is scaled, masked, normalized and differentiated in place: the results must be the
+    plain formula's bit for bit (float32, where rounding order shows), the inputs untouched, and a second
+    backward (retain_graph) must find the saved P unchanged: exactly twice the gradients."""
+    rng = np.random.default_rng(11)
+    q, k, v = (rng.standard_normal((2, 3, 6, 4)).astype(np.float32) for _ in range(3))
+    cotangent = rng.standard_normal((2, 3, 6, 4)).astype(np.float32)
+    scale = 0.3
+    scores = (q @ k.swapaxes(-1, -2)) * scale
+    scores = np.where(np.tril(np.ones((6, 6), bool)), scores, -np.inf)
+    weights = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    probs = weights / weights.sum(axis=-1, keepdims=True)
+    grad_probs = cotangent @ v.swapaxes(-1, -2)
+    grad_scores = probs * (grad_probs - (grad_probs * probs).sum(axis=-1, keepdims=True))
+    expected = {"out": probs @ v, "q": (grad_scores @ k) * scale,
+                "k": (grad_scores.swapaxes(-1, -2) @ q) * scale, "v": probs.swapaxes(-1, -2) @ cotangent}
+    tensors = {name: tm.tensor(array, requires_grad=True) for name, array in (("q", q), ("k", k), ("v", v))}
+    copies = {name: array.copy() for name, array in (("q", q), ("k", k), ("v", v))}
+    out = sdpa(tensors["q"], tensors["k"], tensors["v"], causal=True, scale=scale)
+    np.testing.assert_array_equal(out.numpy(), expected["out"])
+    out.backward(cotangent, retain_graph=True)
+    for name in "qkv":
+        np.testing.assert_array_equal(tensors[name].grad, expected[name])
+        np.testing.assert_array_equal(tensors[name].data, copies[name])
+    out.backward(cotangent)
+    for name in "qkv":
+        np.testing.assert_array_equal(tensors[name].grad, 2 * expected[name])
+
+
+def test_causal_mask_is_made_once_per_shape_and_read_only():
+    from tinymoe.functional.attention import _hidden_keys
+
+    first, again, other = _hidden_keys(np, 3, 5), _hidden_keys(np, 3, 5), _hidden_keys(np, 5, 3)
+    assert first is again and other is not first
+    np.testing.assert_array_equal(first, [[j > i + 2 for j in range(5)] for i in range(3)])
+    np.testing.assert_array_equal(other, [[j > i - 2 for j in range(3)] for i in range(5)])
+    with pytest.raises(ValueError):
+        first[0, 0] = True

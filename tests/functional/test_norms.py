@@ -122,3 +122,17 @@ def test_norms_reject_bad_input(device, op, name):
 def test_layer_norm_rejects_a_bad_bias(device):
     with pytest.raises(ValueError, match=r"bias has shape \(3,\), expected \(4,\)"):
         F.layer_norm(leaf(np.zeros((2, 4)), device), None, leaf(np.zeros(3), device))
+
+
+@pytest.mark.parametrize("op", ["rms_norm", "layer_norm"])
+def test_backward_twice_with_retain_graph_doubles_the_gradients_exactly(op):
+    """dx is built in one buffer in place: a second backward must find the saved x̂ and r unchanged."""
+    rng = np.random.default_rng(5)
+    x, weight = leaf(rng.standard_normal((3, 4, 6)), dtype="float32"), leaf(rng.standard_normal(6), dtype="float32")
+    cotangent = rng.standard_normal((3, 4, 6)).astype(np.float32)
+    out = getattr(F, op)(x, weight)
+    out.backward(cotangent, retain_graph=True)
+    first_x, first_weight = x.grad.copy(), weight.grad.copy()
+    out.backward(cotangent)
+    np.testing.assert_array_equal(x.grad, 2 * first_x)
+    np.testing.assert_array_equal(weight.grad, 2 * first_weight)

@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import functools
 import inspect
-import os
-import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from ..engine.array_math import ACTIVATIONS_WITH_DERIVATIVE
 from ..engine.checks import describe, require_same_dtype, require_tensor
 from ..engine.function import Function
+from ..kernels import cpu_threads
 from ..kernels.registry import implementation
 
 
@@ -44,50 +42,27 @@ def _zero_idle(grads, offsets):
 
 
 # ----- expert blocks over the CPU cores ----------------------------------------------------------------------
-# On the CPU the blocks of NumPy arrays are spread over a pool of one thread per core, each running one-thread
+# On the CPU the blocks of NumPy arrays are spread over a pool of one thread per core (the kernels' pool,
+# tinymoe.kernels.cpu_threads: the SwiGLU kernel of a block runs inline on its worker), each running one-thread
 # BLAS (NumPy releases the GIL in matmul), largest block first: whole experts in parallel beat every GEMM
 # split over all cores (a cpu-small MoE step on 2 cores: ~5% faster when the machine is idle, ~45% when other
 # processes hold a core, as a core taken away then delays one block, not every GEMM's threads;
 # perf/prototype_moe_step.py). Each block writes only its own rows and its own
 # expert's gradients, and one thread computes all of a block, so results do not depend on the schedule.
-# The one-thread BLAS limit is process-wide state (OpenBLAS has no per-thread setting): it is set through
-# threadpoolctl, when importable, for the duration of the region only and restored after (the first of
-# concurrent regions sets it, the last restores it). BLAS calls other threads make meanwhile run on one
-# thread too. Without threadpoolctl, a single core, a single block or CuPy arrays, blocks run in order.
-_pool_lock = threading.Lock()
-_pool = {"executor": None, "workers": 0, "controller": None, "limiter": None, "regions": 0}
+# The one-thread BLAS limit is process-wide state for the region only (cpu_threads.enter_one_thread_blas).
+# Without threadpoolctl, a single core, a single block or CuPy arrays, blocks run in order.
+_pool = {"executor": None, "controller": None}
 
 
 def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return cpu_threads.cores()
 
 
 def _blas_controller():
-    """threadpoolctl's controller of the loaded BLAS libraries, found once; None without threadpoolctl."""
+    """threadpoolctl's controller of the loaded BLAS libraries (False here: run in order); None without it."""
     if _pool["controller"] is None:
-        try:
-            from threadpoolctl import ThreadpoolController
-        except ImportError:
-            _pool["controller"] = False
-        else:
-            blas = ThreadpoolController().select(user_api="blas")
-            _pool["controller"] = blas if blas.lib_controllers else False  # no BLAS it can limit: run in order
+        _pool["controller"] = cpu_threads.blas_controller() or False
     return _pool["controller"] or None
-
-
-def _enter_single_thread_blas():
-    with _pool_lock:
-        if _pool["regions"] == 0:
-            _pool["limiter"] = _pool["controller"].limit(limits=1)
-        _pool["regions"] += 1
-
-
-def _leave_single_thread_blas():
-    with _pool_lock:
-        _pool["regions"] -= 1
-        if _pool["regions"] == 0:
-            _pool["limiter"].restore_original_limits()
-            _pool["limiter"] = None
 
 
 def run_blocks(work, blocks, like):
@@ -96,20 +71,16 @@ def run_blocks(work, blocks, like):
     blocks: tuples whose [1], [2] are the block's first and end row (their size orders the schedule).
     """
     cores = min(_cores(), len(blocks))
-    nested = threading.current_thread().name.startswith("tinymoe-experts")  # never wait on our own pool
+    nested = cpu_threads.in_worker()  # never wait on our own pool
     if cores < 2 or nested or not isinstance(like, np.ndarray) or _blas_controller() is None:
         return [work(block) for block in blocks]
-    with _pool_lock:
-        if _pool["workers"] < cores:
-            _pool["executor"] = ThreadPoolExecutor(cores, thread_name_prefix="tinymoe-experts")
-            _pool["workers"] = cores
-        executor = _pool["executor"]
+    executor = _pool["executor"] = cpu_threads.executor(cores)
     largest_first = sorted(range(len(blocks)), key=lambda i: blocks[i][1] - blocks[i][2])
-    _enter_single_thread_blas()
+    cpu_threads.enter_one_thread_blas()
     try:
         results = dict(zip(largest_first, executor.map(lambda i: work(blocks[i]), largest_first)))
     finally:
-        _leave_single_thread_blas()
+        cpu_threads.leave_one_thread_blas()
     return [results[i] for i in range(len(blocks))]
 
 

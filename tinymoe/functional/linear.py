@@ -6,6 +6,7 @@ import numpy as np
 from ..engine.function import Function
 from ..engine.tensor import Tensor
 from ..engine.checks import require_same_dtype, require_tensor
+from ..kernels.cpu_threads import blas_controller, one_thread_blas
 
 
 class Linear(Function):
@@ -21,7 +22,8 @@ class Linear(Function):
     def forward(ctx, x, weight, bias):
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        y = (x.reshape(-1, x.shape[-1]) @ weight.T).reshape(*x.shape[:-1], weight.shape[0])
+        rows = x.reshape(-1, x.shape[-1])
+        y = _small_product(lambda: rows @ weight.T, weight, rows).reshape(*x.shape[:-1], weight.shape[0])
         return y + bias if bias is not None else y
 
     @staticmethod
@@ -30,25 +32,40 @@ class Linear(Function):
         out_features, in_features = weight.shape
         grad_rows = grad.reshape(-1, out_features)
         grad_x = _rows_times_weight(grad_rows, weight).reshape(x.shape) if ctx.needs_input_grad[0] else None
-        grad_weight = grad_rows.T @ x.reshape(-1, in_features) if ctx.needs_input_grad[1] else None
+        rows = x.reshape(-1, in_features)
+        grad_weight = _small_product(lambda: grad_rows.T @ rows, weight, rows) if ctx.needs_input_grad[1] else None
         if not ctx.has_bias:
             return grad_x, grad_weight
         grad_bias = grad_rows.sum(axis=0) if ctx.needs_input_grad[2] else None
         return grad_x, grad_weight, grad_bias
 
 
-# A router's backward dx = g @ W has a tiny inner dimension (E experts, often 8): OpenBLAS splits such a GEMM
-# over its threads, and right after the parallel dispatch kernels (whose OpenMP threads still spin) it took
-# 3-25 ms at (4096, 8) @ (8, 512) on a 2-core machine; einsum's single-threaded loops take ~1.6-2.8 ms every
-# time, summing over the inner index in a fixed order (deterministic). perf/prototype_linear.py measures it.
+# A router's products have one tiny side (E experts, often 8): x @ Wᵀ (4096, 512)·(512, 8), gᵀ x and g W.
+# Split over OpenBLAS's threads they take 0.4 ms on an idle 2-core machine but 4-120 ms (median) when other
+# processes or spinning threads hold a core, as every call waits for its slowest thread; on one thread they
+# take 0.7-0.9 ms every time (perf/prototype_linear.py). So on NumPy arrays, when W has at most
+# SMALL_INNER_DIMENSION rows, they run with one-thread BLAS (threadpoolctl; the sums' order is BLAS's own,
+# fixed, so results do not change run to run). Without threadpoolctl, dx = g W uses NumPy's einsum loops
+# (single-threaded, ~1.6 ms) and the others plain BLAS.
 SMALL_INNER_DIMENSION = 16
 
 
+def _is_small(weight, rows) -> bool:
+    return isinstance(rows, np.ndarray) and weight.shape[0] <= SMALL_INNER_DIMENSION and rows.shape[0] > 1
+
+
+def _small_product(product, weight, rows):
+    """product() on one BLAS thread when W is small (see above), else as is."""
+    return one_thread_blas(product) if _is_small(weight, rows) else product()
+
+
 def _rows_times_weight(grad_rows, weight):
-    """grad_rows (N, out) @ weight (out, in) -> (N, in); NumPy's einsum loops when `out` is tiny (see above)."""
-    if isinstance(grad_rows, np.ndarray) and weight.shape[0] <= SMALL_INNER_DIMENSION and grad_rows.shape[0] > 1:
+    """grad_rows (N, out) @ weight (out, in) -> (N, in), on one BLAS thread (or einsum) when `out` is tiny."""
+    if not _is_small(weight, grad_rows):
+        return grad_rows @ weight
+    if blas_controller() is None:
         return np.einsum("no,oi->ni", grad_rows, weight)
-    return grad_rows @ weight
+    return one_thread_blas(lambda: grad_rows @ weight)
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:

@@ -5,17 +5,18 @@ is owner-computes: iteration i alone writes output row i, so there are no races 
 sum is taken in a fixed order: results are identical run to run whatever the thread count. Wrappers only
 make the inputs contiguous (indices int64), allocate the output and call the kernel.
 
-Threads: with Numba's OpenMP layer, idle workers spin after each parallel region by default and hold the
-cores the OpenBLAS matmuls between kernel calls need; on a busy 2-core machine an MoE step then runs several
-times slower. The remedy, OMP_WAIT_POLICY=PASSIVE, is process-wide (libgomp reads it once, when it loads,
-and torch or any other OpenMP user shares it), so this library does not set it: programs set it themselves,
-before the first parallel call (an application such as the `tinymoe` command line may).
+Threads: the wrappers split the output rows into one range per core and run the kernel on each range from
+`tinymoe.kernels.cpu_threads`' pool, with one Numba thread each, instead of letting Numba's OpenMP layer
+fork its own threads: those spin after every parallel region (libgomp's default wait policy, process-wide,
+which a library must not change) and take the cores the OpenBLAS matmuls next to them need. A range is
+still a `prange` loop, so a caller running a kernel directly gets Numba's own threads.
 """
 from __future__ import annotations
 
 import numpy as np
 from numba import njit, prange
 
+from .cpu_threads import numba_rows
 from .numba_swiglu import swiglu, swiglu_backward  # noqa: F401  (this implementation's SwiGLU kernels)
 from .plan import RoutingPlan
 
@@ -127,7 +128,8 @@ def gather_rows(x, index, scale=None):
         scale = np.ascontiguousarray(scale, dtype=x.dtype)
     starts, order = _sort_by_target(index, x.shape[0])
     out = np.empty((index.shape[0], x.shape[1]), dtype=x.dtype)
-    _gather_rows(x, starts, order, scale, out)
+    numba_rows(x.shape[0], lambda start, stop: _gather_rows(x[start:stop], starts[start:stop + 1], order, scale, out),
+               out.size)
     return out
 
 
@@ -160,7 +162,8 @@ def combine_rows(y, index, weights=None):
     if weights is not None:
         weights = np.ascontiguousarray(weights, dtype=y.dtype)
     out = np.empty((index.shape[0], y.shape[1]), dtype=y.dtype)
-    _combine_rows(y, index, weights, out)
+    numba_rows(index.shape[0], lambda start, stop: _combine_rows(
+        y, index[start:stop], None if weights is None else weights[start:stop], out[start:stop]), out.size)
     return out
 
 
@@ -189,7 +192,8 @@ def combine_weights_grad(grad_out, y, index):
     index = np.ascontiguousarray(index, dtype=np.int64)
     _check_rows(index, y.shape[0], "index", allow_none=True)
     grad_weights = np.empty(index.shape, dtype=y.dtype)
-    _combine_weights_grad(grad_out, y, index, grad_weights)
+    numba_rows(index.shape[0], lambda start, stop: _combine_weights_grad(
+        grad_out[start:stop], y, index[start:stop], grad_weights[start:stop]), index.size * y.shape[1])
     return grad_weights
 
 
@@ -215,5 +219,6 @@ def scatter_add_rows(values, index, n_rows: int):
     _check_rows(index, n_rows, "index")
     starts, order = _sort_by_target(index, n_rows)
     out = np.empty((n_rows, values.shape[1]), dtype=values.dtype)
-    _sum_segments(values, starts, order, out)
+    numba_rows(n_rows, lambda start, stop: _sum_segments(values, starts[start:stop + 1], order, out[start:stop]),
+               out.size)
     return out

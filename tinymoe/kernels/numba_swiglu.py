@@ -1,7 +1,9 @@
 """Numba CPU kernels of the fused SwiGLU, h = silu(a) · b, and its backward, for the expert blocks.
 
 Part of the "numba" implementation (`tinymoe.kernels.numba_cpu` re-exports `swiglu` and `swiglu_backward`);
-same results as `tinymoe.kernels.reference`. Owner-computes parallel loops over rows: no races, fixed order.
+same results as `tinymoe.kernels.reference`. Owner-computes loops over rows: no races, fixed order. The
+wrappers run one range of rows per core on `tinymoe.kernels.cpu_threads`' pool, one Numba thread each (why:
+see that module); called from a pool worker (an expert block), a kernel runs inline on that worker.
 """
 from __future__ import annotations
 
@@ -10,6 +12,8 @@ import math
 import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
+
+from .cpu_threads import numba_rows
 
 
 # ----- SwiGLU ------------------------------------------------------------------------------------------
@@ -145,7 +149,9 @@ def swiglu(a, b):
     a_rows, b_rows = _as_rows(a, dtype), _as_rows(b, dtype)
     h = np.empty(a_rows.shape, dtype)
     if h.size:
-        _swiglu(*_flat(a_rows), *_flat(b_rows), *_flat(h), *h.shape)
+        numba_rows(h.shape[0], lambda start, stop: _swiglu(
+            *_flat(a_rows[start:stop]), *_flat(b_rows[start:stop]), *_flat(h[start:stop]), stop - start, h.shape[1]),
+            h.size)
     return h.reshape(np.shape(a))
 
 
@@ -164,6 +170,8 @@ def swiglu_backward(a, b, grad_h, out=None):
                              f"with contiguous rows, got {getattr(array, 'shape', array)} {getattr(array, 'dtype', '')}")
     h = np.empty(a_rows.shape, dtype)
     if h.size:
-        _swiglu_backward(*_flat(a_rows), *_flat(b_rows), *_flat(grad_rows), *_flat(grad_a), *_flat(grad_b),
-                         *_flat(h), *h.shape)
+        def rows(start, stop):
+            _swiglu_backward(*(piece for array in (a_rows, b_rows, grad_rows, grad_a, grad_b, h)
+                               for piece in _flat(array[start:stop])), stop - start, h.shape[1])
+        numba_rows(h.shape[0], rows, h.size)
     return grad_a.reshape(np.shape(a)), grad_b.reshape(np.shape(a)), h.reshape(np.shape(a))

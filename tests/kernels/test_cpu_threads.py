@@ -1,0 +1,66 @@
+"""The CPU kernels' thread pool (tinymoe.kernels.cpu_threads): row ranges, and the Numba kernels split over it
+give the same bits as one range on one thread, never touching the caller's Numba thread count."""
+import numpy as np
+import pytest
+
+from tinymoe.kernels import cpu_threads
+
+numba = pytest.importorskip("numba")
+from tinymoe.kernels import numba_cpu, reference  # noqa: E402
+
+
+@pytest.mark.parametrize("n_rows, parts", [(10, 3), (1, 4), (7, 7), (100, 2), (5, 1)])
+def test_row_ranges_cover_the_rows_once_in_order(n_rows, parts):
+    ranges = cpu_threads.row_ranges(n_rows, parts)
+    assert [row for start, stop in ranges for row in range(start, stop)] == list(range(n_rows))
+    sizes = [stop - start for start, stop in ranges]
+    assert min(sizes) >= 1 and max(sizes) - min(sizes) <= 1 and len(ranges) == min(parts, n_rows)
+
+
+def test_run_all_keeps_the_order_and_runs_nested_work_inline():
+    def outer(item):
+        assert cpu_threads.in_worker() or cpu_threads.cores() < 2
+        return cpu_threads.run_all(lambda inner: item * 10 + inner, range(3))  # from a worker: inline, no deadlock
+    assert cpu_threads.run_all(outer, range(5)) == [[i * 10 + j for j in range(3)] for i in range(5)]
+
+
+def _calls(rng):
+    x = rng.standard_normal((300, 40))
+    index = rng.integers(0, 300, 500)
+    y = rng.standard_normal((500, 40))
+    pairs = rng.permutation(600)[:600].reshape(300, 2) % 500
+    pairs[::7, 1] = -1
+    weights = rng.standard_normal((300, 2))
+    gate_up = rng.standard_normal((300, 80))
+    grad_h = rng.standard_normal((300, 40))
+    return {
+        "gather_rows": lambda k: k.gather_rows(x, index, rng_scale),
+        "combine_rows": lambda k: k.combine_rows(y, pairs, weights),
+        "combine_weights_grad": lambda k: k.combine_weights_grad(x, y, pairs),
+        "scatter_add_rows": lambda k: k.scatter_add_rows(y, index, 300),
+        "swiglu": lambda k: k.swiglu(gate_up[:, :40], gate_up[:, 40:]),
+        "swiglu_backward": lambda k: k.swiglu_backward(gate_up[:, :40], gate_up[:, 40:], grad_h),
+    }
+
+
+rng_scale = np.random.default_rng(3).standard_normal(500)
+
+
+def _as_tuple(result):
+    return result if isinstance(result, tuple) else (result,)
+
+
+@pytest.mark.parametrize("primitive", ["gather_rows", "combine_rows", "combine_weights_grad", "scatter_add_rows",
+                                       "swiglu", "swiglu_backward"])
+def test_kernels_over_the_pool_match_one_range_and_the_reference(primitive, monkeypatch):
+    call = _calls(np.random.default_rng(0))[primitive]
+    caller_threads = numba.get_num_threads()
+    one_range = _as_tuple(call(numba_cpu))  # these sizes run as one range on the calling thread
+    monkeypatch.setattr(cpu_threads, "MIN_PARALLEL_ELEMENTS", 0)  # every call over one range per core
+    monkeypatch.setattr(cpu_threads, "cores", lambda: 3)  # more ranges than this machine may have cores
+    pooled = _as_tuple(call(numba_cpu))
+    for got, want in zip(pooled, one_range):
+        np.testing.assert_array_equal(got, want)  # same bits: each row has one owner and one order of sums
+    for got, want in zip(pooled, _as_tuple(call(reference))):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    assert numba.get_num_threads() == caller_threads  # the caller's Numba setting is left alone

@@ -1,0 +1,140 @@
+"""One thread per CPU core, shared by the Numba kernels (row ranges) and the expert blocks (functional/experts.py).
+
+Why not Numba's own `parallel=True` threads: with its OpenMP layer, each parallel region leaves its worker
+threads spinning for a while (≈3.5 ms of a core per region on a 2-core Xeon, libgomp's default wait policy),
+and a cpu-small MoE step runs ~20 regions, so the spinning takes cores from the OpenBLAS matmuls next to them;
+the remedy, OMP_WAIT_POLICY=PASSIVE, is process-wide and read once, so a library cannot set it. Threads of
+this pool wait on a lock when idle (no spinning) and run each kernel with ONE Numba thread (a thread-local
+setting: `numba.set_num_threads` on the worker, never on the caller's thread), on a contiguous range of
+output rows. Every output row still has one owner and one fixed order of additions: results are identical
+to a single-threaded run, whatever the number of cores.
+
+    for_rows(n_rows, call, work)   call(start, stop) over one range of rows per core (inline when small)
+    run_all(work, items)           [work(item) for item in items] over the pool, results in order
+"""
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+_THREAD_PREFIX = "tinymoe-cpu"
+# Below this many output elements a kernel runs on the calling thread: a round trip through the pool costs
+# ~20-50 µs, more than such a kernel takes.
+MIN_PARALLEL_ELEMENTS = 1 << 16
+
+_lock = threading.Lock()
+_state = {"executor": None, "workers": 0}
+
+
+def cores() -> int:
+    """CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def in_worker() -> bool:
+    """Whether the calling thread is one of this pool's (work submitted from it must run inline: no waiting
+    on our own pool)."""
+    return threading.current_thread().name.startswith(_THREAD_PREFIX)
+
+
+def executor(workers: int) -> ThreadPoolExecutor:
+    """The shared pool, grown to at least `workers` threads."""
+    with _lock:
+        if _state["workers"] < workers:
+            _state["executor"] = ThreadPoolExecutor(workers, thread_name_prefix=_THREAD_PREFIX)
+            _state["workers"] = workers
+        return _state["executor"]
+
+
+def run_all(work, items) -> list:
+    """[work(item) for item in items], spread over the pool (inline with one core, one item or from a worker)."""
+    items = list(items)
+    workers = min(cores(), len(items))
+    if workers < 2 or in_worker():
+        return [work(item) for item in items]
+    return list(executor(workers).map(work, items))
+
+
+def row_ranges(n_rows: int, parts: int) -> list:
+    """`parts` contiguous (start, stop) ranges covering [0, n_rows), sizes differing by at most one."""
+    parts = max(1, min(parts, n_rows))
+    return [(n_rows * part // parts, n_rows * (part + 1) // parts) for part in range(parts)]
+
+
+def for_rows(n_rows: int, call, elements: int) -> None:
+    """call(start, stop) over [0, n_rows): one range per core on the pool when `elements` (the output's size)
+    is large enough, else one call on the calling thread. `call` must write only its own rows."""
+    parts = cores() if elements >= MIN_PARALLEL_ELEMENTS and not in_worker() else 1
+    ranges = row_ranges(n_rows, parts)
+    if len(ranges) == 1:
+        call(*ranges[0])
+        return
+    for future in [executor(len(ranges)).submit(call, *bounds) for bounds in ranges]:
+        future.result()
+
+
+def numba_rows(n_rows: int, kernel_call, elements: int) -> None:
+    """`for_rows` for a Numba kernel: each range runs with one Numba thread on its thread (set there and
+    restored after, so the caller's own Numba setting is never changed; see the module docstring)."""
+    import numba
+
+    def one_thread(start, stop):
+        saved = numba.get_num_threads()
+        if saved != 1:
+            numba.set_num_threads(1)
+        try:
+            kernel_call(start, stop)
+        finally:
+            if saved != 1:
+                numba.set_num_threads(saved)
+
+    for_rows(n_rows, one_thread, elements)
+
+
+# ----- one-thread BLAS for a region ---------------------------------------------------------------------------
+# OpenBLAS has no per-thread setting: the limit, set through threadpoolctl (when importable), is process-wide
+# for the duration of the region and restored after; the first of concurrent regions sets it, the last
+# restores it. BLAS calls other threads make meanwhile run on one thread too.
+_blas = {"controller": None, "limiter": None, "regions": 0}
+
+
+def blas_controller():
+    """threadpoolctl's controller of the loaded BLAS libraries, found once; None without threadpoolctl (or
+    without a BLAS it can limit)."""
+    if _blas["controller"] is None:
+        try:
+            from threadpoolctl import ThreadpoolController
+        except ImportError:
+            _blas["controller"] = False
+        else:
+            blas = ThreadpoolController().select(user_api="blas")
+            _blas["controller"] = blas if blas.lib_controllers else False
+    return _blas["controller"] or None
+
+
+def enter_one_thread_blas() -> None:
+    """Start a one-thread BLAS region (needs `blas_controller()`); pair with `leave_one_thread_blas`."""
+    with _lock:
+        if _blas["regions"] == 0:
+            _blas["limiter"] = _blas["controller"].limit(limits=1)
+        _blas["regions"] += 1
+
+
+def leave_one_thread_blas() -> None:
+    with _lock:
+        _blas["regions"] -= 1
+        if _blas["regions"] == 0:
+            _blas["limiter"].restore_original_limits()
+            _blas["limiter"] = None
+
+
+def one_thread_blas(product):
+    """product() with BLAS on one thread when threadpoolctl can limit it, else product() as is."""
+    if blas_controller() is None:
+        return product()
+    enter_one_thread_blas()
+    try:
+        return product()
+    finally:
+        leave_one_thread_blas()
