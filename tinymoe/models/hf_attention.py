@@ -92,30 +92,41 @@ class HFAttention(Module):
                                            sinks=getattr(self, "sinks", None), scale=self.scale)
         return self.o_proj(attended.transpose(0, 2, 1, 3).reshape(batch, length, self.num_heads * self.head_dim))
 
-    def forward_arrays(self, x, rotation, cache):
+    def decoding_arrays(self):
+        """The arrays `forward_arrays` reads: ((weight, bias or None) of q, k, v, o, (weight, eps) of q_norm and
+        k_norm or None, sinks or None), collected once per decoding (hf_decoding.layer_arrays)."""
+        def projection(linear):
+            return linear.weight.data, None if linear.bias is None else linear.bias.data
+
+        def norm(name):
+            module = getattr(self, name, None) if self.qk_norm is not None else None
+            return None if module is None else (module.weight.data, module.eps)
+        sinks = getattr(self, "sinks", None)
+        return (tuple(projection(linear) for linear in (self.q_proj, self.k_proj, self.v_proj)),
+                projection(self.o_proj), norm("q_norm"), norm("k_norm"), None if sinks is None else sinks.data)
+
+    def forward_arrays(self, x, rotation, cache, arrays=None):
         """`forward` on plain arrays for decoding under no_grad: the same ops' forwards in the same order (so the
         same values, bit for bit), without Tensors, graph, argument checks or module calls. x (B, L, hidden);
         rotation: `rotary_tables(positions, dtype)` of the model's first layer (every layer's rope is the
-        spec's); cache: a KVCache (required: this path is for cached decoding)."""
+        spec's); cache: a KVCache (required: this path is for cached decoding); arrays: `decoding_arrays()`
+        (default: read now)."""
         batch, length, _ = x.shape
         ctx = Context(np, (), False)
-        q, k, v = (LinearOp.forward(ctx, x, projection.weight.data, None if projection.bias is None else
-                                    projection.bias.data) for projection in (self.q_proj, self.k_proj, self.v_proj))
+        qkv, output, q_norm, k_norm, sinks = self.decoding_arrays() if arrays is None else arrays
+        q, k, v = (LinearOp.forward(ctx, x, weight, bias) for weight, bias in qkv)
         if self.qk_norm == "all":
-            q, k = (RMSNormOp.forward(ctx, a, norm.weight.data, norm.eps) for a, norm in ((q, self.q_norm), (k, self.k_norm)))
+            q, k = RMSNormOp.forward(ctx, q, *q_norm), RMSNormOp.forward(ctx, k, *k_norm)
         q, k, v = (a.reshape(batch, length, -1, self.head_dim) for a in (q, k, v))
         if self.qk_norm == "head":
-            q, k = (RMSNormOp.forward(ctx, a, norm.weight.data, norm.eps) for a, norm in ((q, self.q_norm), (k, self.k_norm)))
+            q, k = RMSNormOp.forward(ctx, q, *q_norm), RMSNormOp.forward(ctx, k, *k_norm)
         q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
         cos, sin = rotation
         q, k = (RotaryEmbedding.forward(ctx, a, cos, sin, self.rope_layout, self.rotary_dim) for a in (q, k))
         k, v = cache.append(self.layer, k, v)
-        sinks = getattr(self, "sinks", None)
-        attended = GroupedQueryAttention.forward(ctx, q, k, v, None if sinks is None else sinks.data, True,
-                                                 self.sliding_window, self.scale)
+        attended = GroupedQueryAttention.forward(ctx, q, k, v, sinks, True, self.sliding_window, self.scale)
         rows = attended.transpose(0, 2, 1, 3).reshape(batch, length, self.num_heads * self.head_dim)
-        return LinearOp.forward(ctx, rows, self.o_proj.weight.data,
-                                None if self.o_proj.bias is None else self.o_proj.bias.data)
+        return LinearOp.forward(ctx, rows, *output)
 
     def rotary_tables(self, positions, dtype):
         """(cos, sin) (1, 1, L, rotary_dim/2) of `apply_rotary` for positions (L,), cast to dtype."""

@@ -26,18 +26,14 @@ import numpy as np
 from .. import functional as F
 from ..engine.autograd import is_grad_enabled
 from ..engine.backend import normalize_device, normalize_dtype
-from ..engine.function import Context
 from ..engine.random import as_generator
 from ..engine.tensor import Tensor
-from ..functional.linear import Linear as LinearOp
-from ..functional.norms import RMSNorm as RMSNormOp
-from ..kernels.registry import implementation
 from ..nn import Embedding, Linear, Module, ModuleList, MoE, RMSNorm, SwiGLU
-from ..nn.gating import SoftmaxTopK
 from .generation import generate
 from .hf_attention import ATTENTION_TYPES, HFAttention, positions_after
 from .hf_checkpoint import save_pretrained
 from .hf_config import HFModelSpec, parse_hf_config
+from .hf_decoding import next_token_logits_arrays
 from .hf_mla import MultiHeadLatentAttention
 from .kv_cache import KVCache
 
@@ -192,14 +188,14 @@ class HFCausalLM(Module):
         """The logits (B, vocab) after the last of input_ids (B, L), which follow the cached tokens: what
         generate needs per step, as `self(input_ids, cache).data[:, -1]`.
 
-        Under no_grad with NumPy weights it runs on plain arrays: each op's own forward (Function.forward with
-        a no-grad Context), without Tensors, graph, argument checks, module calls, the MoE layers' losses and
-        stats (left as the last regular forward set them) or their finite checks; one-token MoE layers compute
-        their two experts directly (`_moe_arrays`), others run their module. For one new token (L == 1) the
-        logits equal the regular forward's bit for bit (test_generation); for L > 1 (a prefill) the head runs on
-        the last row only, a GEMV instead of a GEMM over every row, and agrees to rounding. Elsewhere (grad
-        mode, CuPy, bad ids, DeepSeek-V3's latent attention) it runs the regular forward, which raises its
-        errors."""
+        Under no_grad with NumPy weights it runs on plain arrays (hf_decoding.py): each op's own forward, without
+        Tensors, graph, argument checks, module calls, the MoE layers' losses and stats (left as the last
+        regular forward set them) or their finite checks; plain MoE layers compute their expert blocks directly,
+        others run their module. The hidden states, and so the cache, equal the regular forward's bit for bit;
+        for one new token (L == 1) the logits do too (test_generation); for L > 1 (a prefill) the head runs on
+        the last row only, a GEMV instead of a GEMM over every row, and agrees to rounding. The weights' arrays
+        are collected once per cache (see hf_decoding). Elsewhere (grad mode, CuPy, bad ids, DeepSeek-V3's
+        latent attention) it runs the regular forward, which raises its errors."""
         ids = np.asarray(input_ids)
         weight = self.model.embed_tokens.weight
         if (is_grad_enabled() or cache is None or not isinstance(weight.data, np.ndarray) or ids.ndim != 2
@@ -208,19 +204,7 @@ class HFCausalLM(Module):
             return self(input_ids, cache).data[:, -1]
         if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= self.spec.vocab_size):
             return self(input_ids, cache).data[:, -1]  # the regular forward raises the error
-        ctx = Context(np, (), False)
-        h = weight.data[ids]
-        layers = self.model.layers
-        rotation = layers[0].self_attn.rotary_tables(positions_after(cache.length, ids.shape[1]), h.dtype)
-        for layer in layers:
-            normed = _rms_norm(ctx, layer.input_layernorm, h)
-            h = h + layer.self_attn.forward_arrays(normed, rotation, cache)
-            normed = _rms_norm(ctx, layer.post_attention_layernorm, h)
-            h = h + (_moe_arrays(ctx, layer.mlp, normed) if layer.is_moe else layer.mlp(Tensor(normed)).data)
-        cache.advance(ids.shape[1])
-        last = _rms_norm(ctx, self.model.norm, h[:, -1])
-        head = weight if self.tied else self.lm_head.weight
-        return LinearOp.forward(ctx, last, head.data, None)
+        return next_token_logits_arrays(self, ids, cache)
 
     def _embed(self, ids):
         """E[ids]; the row of pad_token_id gets no gradient, as transformers' nn.Embedding(padding_idx=pad)."""
@@ -252,33 +236,3 @@ class HFCausalLM(Module):
 
     def extra_repr(self):
         return f"model_type={self.spec.model_type!r}, dtype={self.dtype.name}, tied={self.tied}"
-
-
-def _rms_norm(ctx, norm, x):
-    return RMSNormOp.forward(ctx, x, norm.weight.data, norm.eps)
-
-
-def _moe_arrays(ctx, moe, x):
-    """tm.nn.MoE's forward on arrays for one token (x (1, 1, d)): its router's logits and SoftmaxTopK, then the
-    chosen experts' SwiGLU blocks as SwiGLUExperts computes them (a = x w1[e]ᵀ, b = x w3[e]ᵀ, h = swiglu(a, b)
-    with the registry's kernel, y = h w2[e]ᵀ) and the combine Σ_j w_j y_j in slot order, as CombineRows adds
-    them. Other layers and more tokens run the module itself (its plan, gather and pooled expert blocks)."""
-    router, experts = moe.router, moe.experts
-    plain = (router.kind == "softmax" and experts.activation == "swiglu" and not experts.expert_bias
-             and not moe.n_shared_experts and router.capacity_factor is None and router.routed_scaling_factor == 1.0
-             and not (router.training and router.jitter > 0))
-    if x.shape[0] * x.shape[1] != 1 or not plain:
-        return moe(Tensor(x)).data
-    rows = x.reshape(1, -1)
-    bias = getattr(router, "logit_bias", None)
-    logits = LinearOp.forward(ctx, rows.astype(router.weight.dtype), router.weight.data,
-                              None if bias is None else bias.data)
-    _, weights, expert_ids = SoftmaxTopK.forward(ctx, logits, router.top_k, router.normalize_top_k, router.groups)
-    weights = weights.astype(rows.dtype)
-    swiglu = implementation(rows).swiglu
-    w1, w3, w2 = experts.w1.data, experts.w3.data, experts.w2.data
-    out = np.zeros_like(rows)
-    for slot, expert in enumerate(expert_ids[0].tolist()):
-        hidden = swiglu(rows @ w1[expert].T, rows @ w3[expert].T)
-        out += weights[:, slot:slot + 1] * (hidden @ w2[expert].T)
-    return out.reshape(x.shape)

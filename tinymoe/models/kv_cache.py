@@ -23,7 +23,8 @@ class KVCache:
     """Keys and values of `n_layers` attention layers for a batch of `batch` sequences of up to `capacity` tokens.
 
     length: tokens cached so far (the position of the next token). Buffers are allocated by the first
-    `update` of each layer, in the dtype and on the device of its keys.
+    `update` of each layer, in the dtype and on the device of its keys. derived: a dict where a model's
+    decoding path keeps what it collects once per decoding (hf_decoding.layer_arrays), dropped with the cache.
     """
 
     def __init__(self, n_layers: int, batch: int, capacity: int):
@@ -33,6 +34,7 @@ class KVCache:
         self.length = 0
         self._keys = [None] * self.n_layers
         self._values = [None] * self.n_layers
+        self.derived = {}
 
     def update(self, layer: int, keys: Tensor, values: Tensor):
         """Write the new keys (B, Hkv, L, D) and values (B, Hkv, L, Dv) of `layer` after the cached ones and
