@@ -457,3 +457,15 @@ def test_bad_parameter_lists():
 def test_bad_hyperparameters_in_a_group_raise_errors_that_name_them(group, name):
     with pytest.raises(ValueError, match=name):
         SGD([{"params": [Parameter(np.zeros(2))], **group}], lr=0.1, momentum=0.5)
+
+
+@pytest.mark.parametrize("cls", [Adam, AdamW])
+def test_adam_step_leaves_the_gradient_alone(cls):
+    """The update works in a scratch buffer of its own: parameter.grad must come out as it went in."""
+    parameter = Parameter(start_values())
+    optimizer = cls([parameter], lr=0.05, weight_decay=0.1)
+    for step in range(3):
+        parameter.grad = gradient_at(parameter.data, step)
+        kept = parameter.grad.copy()
+        optimizer.step()
+        np.testing.assert_array_equal(parameter.grad, kept)

@@ -88,6 +88,19 @@ def softmax(x, axis: int = -1, masked_rows_to_zero: bool = False):
     return weights / total
 
 
+def softmax_in_place(x, masked_rows_to_zero: bool = True):
+    """x ← softmax(x) along the last axis, in x's own buffer: softmax's formula step for step (so bitwise the
+    same), for a caller that owns a large array (attention's scores). On NumPy the row maximum is fmax.reduce,
+    faster than max and equal to it except on a row holding NaN, which comes out all NaN either way."""
+    xp = array_module(x)
+    peak = np.fmax.reduce(x, axis=-1, keepdims=True) if xp is np else x.max(axis=-1, keepdims=True)
+    x -= xp.where(xp.isfinite(peak), peak, 0)  # a row of −inf keeps −inf (not NaN) and gives exp = 0
+    xp.exp(x, out=x)
+    total = x.sum(axis=-1, keepdims=True)
+    x /= xp.where(total > 0, total, 1) if masked_rows_to_zero else total
+    return x
+
+
 def softmax_backward(y, grad, axis: int = -1):
     """dx = y · (g − Σ g·y) for y = softmax(x)."""
     return y * (grad - (grad * y).sum(axis=axis, keepdims=True))

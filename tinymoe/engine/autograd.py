@@ -10,6 +10,8 @@ from __future__ import annotations
 import threading
 import weakref
 
+import numpy as np
+
 from .backend import array_module
 
 _state = threading.local()
@@ -51,9 +53,11 @@ class Edge:
     __slots__ = ("leaf", "node", "index", "shape", "dtype")
 
     def __init__(self, tensor):
-        self.leaf = tensor if tensor._node is None else None
-        self.node, self.index = tensor._node, tensor._output_index
-        self.shape, self.dtype = tensor.shape, tensor.dtype
+        node = tensor._node
+        self.leaf = tensor if node is None else None
+        self.node, self.index = node, tensor._output_index
+        data = tensor.data
+        self.shape, self.dtype = tuple(data.shape), data.dtype
 
 
 class Node:
@@ -66,7 +70,7 @@ class Node:
         self.function = function
         self.ctx = ctx
         self.edges = tuple(Edge(tensor) if tensor.requires_grad else None for tensor in inputs)
-        self.output_meta = tuple((out.shape, out.dtype) for out in outputs)
+        self.output_meta = tuple([(tuple(out.data.shape), out.data.dtype) for out in outputs])
         self.outputs = tuple(weakref.ref(out) for out in outputs)  # weak: only for retain_grad()
         self.freed = False
 
@@ -151,7 +155,9 @@ def backward(root, grad, retain_graph: bool = False):
 
 
 def _checked_gradient(node, position, edge, grad):
-    if array_module(grad) is not node.ctx.xp or getattr(grad, "shape", None) != edge.shape:
+    xp = node.ctx.xp
+    same_module = (xp is np) if type(grad) is np.ndarray else array_module(grad) is xp  # the common case first
+    if not same_module or getattr(grad, "shape", None) != edge.shape:
         got = getattr(grad, "shape", type(grad).__name__)
         raise RuntimeError(
             f"{node.function.__name__}.backward returned a gradient of shape {got} for input {position} "

@@ -70,24 +70,25 @@ class Function:
 
     @classmethod
     def apply(cls, *args, **kwargs):
-        tensors = [arg for arg in args if isinstance(arg, Tensor)]
+        # Called for every op of every step: one pass over the arguments, outputs wrapped without re-checks.
+        tensors, raw_args = [], []
+        for arg in args:
+            if isinstance(arg, Tensor):
+                tensors.append(arg)
+                raw_args.append(arg.data)
+            else:
+                raw_args.append(arg)
         if not tensors:
             raise TypeError(f"{cls.__name__}.apply needs at least one Tensor argument")
         for name, value in kwargs.items():
             if isinstance(value, Tensor):
                 raise TypeError(f"{cls.__name__}.apply: keyword argument {name!r} is a Tensor; pass tensors positionally")
-        device = tensors[0].device
-        for position, tensor in enumerate(tensors[1:], start=1):
-            if tensor.device != device:
-                raise DeviceMismatchError(
-                    f"{cls.__name__}: tensor input 0 is on {device!r} but tensor input {position} is on "
-                    f"{tensor.device!r}; move them to one device with .to()"
-                )
-        needs_input_grad = tuple(tensor.requires_grad for tensor in tensors)
-        record = is_grad_enabled() and any(needs_input_grad)
+        if len(tensors) > 1:
+            _check_one_device(cls, tensors)
+        needs_input_grad = tuple([tensor.requires_grad for tensor in tensors])
+        record = True in needs_input_grad and is_grad_enabled()
         ctx = Context(array_module(tensors[0].data), needs_input_grad, record)
 
-        raw_args = [arg.data if isinstance(arg, Tensor) else arg for arg in args]
         result = cls.forward(ctx, *raw_args, **kwargs)
 
         single = not isinstance(result, tuple)
@@ -97,19 +98,31 @@ class Function:
             if isinstance(item, np.generic) and item.dtype.kind == "f":
                 item = np.asarray(item)  # NumPy reductions return scalars; a Tensor holds an ndarray
             if _is_float_array(item):
-                tensor = Tensor(item, requires_grad=record)
+                tensor = Tensor._wrap(item, record)
                 differentiable.append(tensor)
                 wrapped.append(tensor)
             else:
                 wrapped.append(item)
         if record and differentiable:
-            node = Node(cls, ctx, tuple(tensors), differentiable)
+            node = Node(cls, ctx, tensors, differentiable)
             for index, tensor in enumerate(differentiable):
                 tensor._node = node
                 tensor._output_index = index
         return wrapped[0] if single else tuple(wrapped)
 
 
+def _check_one_device(cls, tensors) -> None:
+    device = tensors[0].device
+    for position, tensor in enumerate(tensors[1:], start=1):
+        if tensor.device != device:
+            raise DeviceMismatchError(
+                f"{cls.__name__}: tensor input 0 is on {device!r} but tensor input {position} is on "
+                f"{tensor.device!r}; move them to one device with .to()"
+            )
+
+
 def _is_float_array(value) -> bool:
+    if type(value) is np.ndarray:
+        return value.dtype.kind == "f"
     dtype = getattr(value, "dtype", None)
     return dtype is not None and hasattr(value, "shape") and dtype.kind == "f"

@@ -61,6 +61,14 @@ class Tensor:
         self._output_index = 0
         self._retains_grad = False
 
+    @classmethod
+    def _wrap(cls, data, requires_grad: bool) -> "Tensor":
+        """Internal, for Function.apply's outputs: `data` a floating array, `requires_grad` a bool (unchecked)."""
+        tensor = object.__new__(cls)
+        tensor.data, tensor.grad, tensor.requires_grad = data, None, requires_grad
+        tensor._node, tensor._output_index, tensor._retains_grad = None, 0, False
+        return tensor
+
     # ----- description -------------------------------------------------------------------------------
     @property
     def shape(self) -> tuple:

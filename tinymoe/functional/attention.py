@@ -15,7 +15,7 @@ import math
 
 import numpy as np
 
-from ..engine.array_math import softmax, softmax_backward
+from ..engine.array_math import softmax_in_place
 from ..engine.basic_ops import unbroadcast
 from ..engine.checks import require_bool, require_number, require_same_dtype, require_tensor
 from ..engine.function import Function
@@ -28,19 +28,40 @@ def _causal_mask(xp, query_len: int, key_len: int):
     return xp.arange(key_len)[None, :] <= last_visible_key
 
 
+_HIDDEN_KEYS = {}  # (array module, device id, Lq, Lk) -> read-only (Lq, Lk) bool, True where a key is hidden
+_HIDDEN_KEYS_KEPT = 64  # training uses one shape; decoding with a KV cache one per length: bounded
+
+
+def _hidden_keys(xp, query_len: int, key_len: int):
+    """~_causal_mask, made once per (module, device, Lq, Lk) and reused: every step of training has one shape."""
+    device = None if xp is np else xp.cuda.Device().id
+    key = (xp.__name__, device, query_len, key_len)
+    hidden = _HIDDEN_KEYS.get(key)
+    if hidden is None:
+        hidden = ~_causal_mask(xp, query_len, key_len)
+        if xp is np:
+            hidden.flags.writeable = False  # shared by every call: nobody may write into it
+        if len(_HIDDEN_KEYS) >= _HIDDEN_KEYS_KEPT:
+            _HIDDEN_KEYS.clear()
+        _HIDDEN_KEYS[key] = hidden
+    return hidden
+
+
 class ScaledDotProductAttention(Function):
     """O = softmax(scale · Q Kᵀ [+ causal mask]) V.  q (..., Lq, D), k (..., Lk, D), v (..., Lk, Dv) -> (..., Lq, Dv)
 
-    Backward: see the module docstring. Batch axes broadcast; their gradients are un-broadcast.
+    Backward: see the module docstring. Batch axes broadcast; their gradients are un-broadcast. The (..., Lq, Lk)
+    scores and their gradient are each one buffer, scaled, masked, normalized and differentiated in place.
     """
 
     @staticmethod
     def forward(ctx, q, k, v, causal, scale):
         xp = ctx.xp
-        scores = (q @ k.swapaxes(-1, -2)) * scale
+        scores = q @ k.swapaxes(-1, -2)
+        scores *= scale
         if causal:
-            scores = xp.where(_causal_mask(xp, q.shape[-2], k.shape[-2]), scores, -xp.inf)
-        probs = softmax(scores, -1, masked_rows_to_zero=True)  # a query that sees no key gets P = 0
+            xp.copyto(scores, -xp.inf, where=_hidden_keys(xp, q.shape[-2], k.shape[-2]))
+        probs = softmax_in_place(scores)  # a query that sees no key gets P = 0
         ctx.save_for_backward(q, k, v, probs)
         ctx.scale = scale
         return probs @ v
@@ -52,12 +73,18 @@ class ScaledDotProductAttention(Function):
         if ctx.needs_input_grad[2]:
             grad_v = unbroadcast(probs.swapaxes(-1, -2) @ grad_out, v.shape)
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            grad_probs = grad_out @ v.swapaxes(-1, -2)
-            grad_scores = softmax_backward(probs, grad_probs, -1)
+            grad_scores = grad_out @ v.swapaxes(-1, -2)  # dP, a fresh buffer that becomes dS
+            # dS = P ⊙ (dP − rowsum(dP ⊙ P)): array_math.softmax_backward's formula, in place
+            grad_scores -= (grad_scores * probs).sum(axis=-1, keepdims=True)
+            grad_scores *= probs
             if ctx.needs_input_grad[0]:
-                grad_q = unbroadcast((grad_scores @ k) * ctx.scale, q.shape)
+                grad_q = grad_scores @ k
+                grad_q *= ctx.scale
+                grad_q = unbroadcast(grad_q, q.shape)
             if ctx.needs_input_grad[1]:
-                grad_k = unbroadcast((grad_scores.swapaxes(-1, -2) @ q) * ctx.scale, k.shape)
+                grad_k = grad_scores.swapaxes(-1, -2) @ q
+                grad_k *= ctx.scale
+                grad_k = unbroadcast(grad_k, k.shape)
         return grad_q, grad_k, grad_v
 
 

@@ -26,11 +26,16 @@ class _Normalization(Function):
         grad_normalized = grad if weight is None else grad * weight
         grads = [None]
         if ctx.needs_input_grad[0]:
+            xp = ctx.xp
             centered_grad = grad_normalized
             if ctx.subtracts_mean:
                 centered_grad = grad_normalized - grad_normalized.mean(axis=-1, keepdims=True)
-            projection = (grad_normalized * normalized).mean(axis=-1, keepdims=True)
-            grads[0] = inverse_scale * (centered_grad - normalized * projection)
+            grad_x = grad_normalized * normalized  # one (..., D) buffer becomes dx: the formula, op for op
+            projection = grad_x.mean(axis=-1, keepdims=True)
+            xp.multiply(normalized, projection, out=grad_x)
+            xp.subtract(centered_grad, grad_x, out=grad_x)
+            grad_x *= inverse_scale
+            grads[0] = grad_x
         width = normalized.shape[-1]
         if weight is not None:
             needed = ctx.needs_input_grad[len(grads)]

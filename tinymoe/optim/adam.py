@@ -39,14 +39,23 @@ class Adam(Optimizer):
             state["exp_avg_sq"] = parameter.xp.zeros_like(parameter.data)
         state["step"] += 1  # per parameter: one that had no gradient for a while still gets bias-corrected
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        xp = parameter.xp
+        # The formula above, operation for operation (so bitwise the same as writing it out), into one scratch
+        # buffer: an update allocates one array, not eight.
+        scratch = xp.multiply(grad, 1 - beta1)
         exp_avg *= beta1
-        exp_avg += (1 - beta1) * grad
+        exp_avg += scratch                                      # m ← β1·m + (1−β1)·g
+        xp.multiply(grad, 1 - beta2, out=scratch)
+        scratch *= grad
         exp_avg_sq *= beta2
-        exp_avg_sq += (1 - beta2) * grad * grad
+        exp_avg_sq += scratch                                   # v ← β2·v + (1−β2)·g·g
         step = state["step"]
         bias_correction1, bias_correction2 = 1 - beta1**step, 1 - beta2**step
-        denominator = parameter.xp.sqrt(exp_avg_sq / bias_correction2) + group["eps"]
-        parameter.data -= (group["lr"] / bias_correction1) * exp_avg / denominator
+        xp.divide(exp_avg_sq, bias_correction2, out=scratch)
+        xp.sqrt(scratch, out=scratch)
+        scratch += group["eps"]                                 # sqrt(v/(1−β2^t)) + eps
+        xp.divide(xp.multiply(exp_avg, group["lr"] / bias_correction1), scratch, out=scratch)
+        parameter.data -= scratch
 
 
 class AdamW(Adam):
