@@ -17,7 +17,7 @@ from .arguments import (UsageError, add_option, prepare_run, learning_rate, non_
 from .finetune_command import FROM_PRETRAINED_HELP
 from .model_options import add_model_options, model_config
 
-RUN_FILES = ("checkpoint.npz", "metrics.jsonl", "summary.json", "loss.png", "expert_load.png")
+RUN_FILES = ("checkpoint.npz", "metrics.jsonl", "summary.json", "loss.png", "expert_load.png", "experts_per_token.png")
 RESUME_HELP = ("continue the run in DIR from its checkpoint.npz, exactly; give the same options, except these, "
                "which may change: --steps (a larger total trains further; the cosine decay then spans the new "
                "total), --eval-every, --eval-batches, --checkpoint-every, --device, --kernels, --matmul-precision; "

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from ..engine.array_math import sigmoid, silu_with_derivative
 from ..engine.function import Function
+from .experts import _blocks
 
 GATED_KINDS = ("swiglu", "swiglu_clamped")
 
@@ -39,13 +40,6 @@ def swiglu_with_derivative(gate, up):
     """(h, ∂h/∂gate, ∂h/∂up) of h = silu(gate) · up."""
     activated, slope = silu_with_derivative(gate)
     return activated * up, slope * up, activated
-
-
-def _blocks(offsets):
-    for expert in range(len(offsets) - 1):
-        start, stop = int(offsets[expert]), int(offsets[expert + 1])
-        if stop > start:
-            yield expert, start, stop
 
 
 class GatedExperts(Function):

@@ -39,11 +39,14 @@ def in_worker() -> bool:
 
 
 def executor(workers: int) -> ThreadPoolExecutor:
-    """The shared pool, grown to at least `workers` threads."""
+    """The shared pool of max(workers, cores()) threads, made once (and replaced, the old one shut down, only if
+    a caller ever asks for more threads than cores)."""
     with _lock:
         if _state["workers"] < workers:
-            _state["executor"] = ThreadPoolExecutor(workers, thread_name_prefix=_THREAD_PREFIX)
-            _state["workers"] = workers
+            if _state["executor"] is not None:
+                _state["executor"].shutdown(wait=False)
+            _state["workers"] = max(workers, cores())
+            _state["executor"] = ThreadPoolExecutor(_state["workers"], thread_name_prefix=_THREAD_PREFIX)
         return _state["executor"]
 
 
@@ -102,14 +105,15 @@ _blas = {"controller": None, "limiter": None, "regions": 0}
 def blas_controller():
     """threadpoolctl's controller of the loaded BLAS libraries, found once; None without threadpoolctl (or
     without a BLAS it can limit)."""
-    if _blas["controller"] is None:
-        try:
-            from threadpoolctl import ThreadpoolController
-        except ImportError:
-            _blas["controller"] = False
-        else:
-            blas = ThreadpoolController().select(user_api="blas")
-            _blas["controller"] = blas if blas.lib_controllers else False
+    with _lock:
+        if _blas["controller"] is None:
+            try:
+                from threadpoolctl import ThreadpoolController
+            except ImportError:
+                _blas["controller"] = False
+            else:
+                blas = ThreadpoolController().select(user_api="blas")
+                _blas["controller"] = blas if blas.lib_controllers else False
     return _blas["controller"] or None
 
 

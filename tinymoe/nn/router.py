@@ -155,9 +155,14 @@ class Router(Module):
         if self.routed_scaling_factor != 1.0:
             weights = weights * self.routed_scaling_factor
 
-        counted = expert_ids if valid is None else expert_ids[valid]
-        requested = xp.bincount(counted.reshape(-1), minlength=self.n_experts)
-        fraction = (requested / max(int(counted.size), 1)).astype(logits.dtype)
+        if valid is None:
+            requested = xp.bincount(expert_ids.reshape(-1), minlength=self.n_experts)
+            fraction = (requested / max(int(expert_ids.size), 1)).astype(logits.dtype)
+        else:  # invalid pairs counted under a sentinel expert and dropped: no boolean indexing, no host sync
+            sentinel = max(self.n_experts, int(expert_ids.shape[1]))
+            counted = xp.where(valid, expert_ids, sentinel).reshape(-1)
+            requested = xp.bincount(counted, minlength=sentinel + 1)[:self.n_experts]
+            fraction = (requested / xp.maximum(requested.sum(), 1)).astype(logits.dtype)
         if self.training and self.kind == "sigmoid":
             self.last_load = to_numpy(requested).astype(np.int64)
             if adaptive_routing.record_load(self, self.last_load):  # deferred under gradient accumulation

@@ -89,11 +89,11 @@ def accumulate_gradients(model, loss_fn, micro_batches, *, all_reduce=None, afte
                 router.update_bias()
             elif router.kind == "relu" and router.pending_gates is not None:
                 router.update_l1_coefficient()
-            router.pending_load = router.pending_gates = None
         return results
     finally:
-        for router, flag in zip(routers, deferred):
+        for router, flag in zip(routers, deferred):  # a failed step leaves no partial sums for the next one
             router.defer_updates, router.global_load = flag, None
+            router.pending_load = router.pending_gates = None
 
 
 _COUNTING_STATE = ("generator", "last_load", "pending_load", "last_sparsity", "pending_gates", "last_choice_counts")

@@ -23,7 +23,7 @@ import numpy as np
 from ..models.transformer import TransformerConfig
 from .checkpoint import FORMAT_VERSION, CheckpointError
 from .doctor_ranks import check_rank_balance, rank_imbalance
-from .doctor_rules import Finding, check_dropped, check_memory, check_overfitting, check_routing
+from .doctor_rules import check_dropped, check_memory, check_overfitting, check_routing
 from .estimate import estimate, format_bytes
 
 METRICS_NAME, SUMMARY_NAME, CHECKPOINT_NAME = "metrics.jsonl", "summary.json", "checkpoint.npz"

@@ -294,7 +294,8 @@ class Trainer:
         summary = {
             "val_loss": final["val_loss"], "unigram_loss": self.data.unigram_loss(), "steps": self.step,
             "seconds": self.seconds, "device": self.config.device,
-            "tokens_per_second": self.step * self.config.batch_size * self.config.seq_len / max(self.seconds, 1e-9),
+            "tokens_per_second": self.step * self.config.batch_size * self.config.grad_accum * self.config.seq_len
+                                 / max(self.seconds, 1e-9),
             "parameters": self.parallel.num_parameters(self.model) if self.parallel else self.model.num_parameters(),
             "vocab_size": len(self.data.vocab),
         }
