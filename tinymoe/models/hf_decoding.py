@@ -73,7 +73,7 @@ def moe_layer_arrays(moe):
 def moe_arrays(ctx, arrays, x):
     """tm.nn.MoE's forward on arrays, x (B, L, d), for `moe_layer_arrays`: the router's logits and SoftmaxTopK,
     then each expert's block of rows as SwiGLUExperts computes it (a = x w1[e]ᵀ, b = x w3[e]ᵀ, h = swiglu(a, b)
-    with the registry's kernel, y = h w2[e]ᵀ; rows in the plan's order: by expert, then by (token, slot)) and
+    with the registry's kernel, y = h w2[e]ᵀ; rows grouped by expert) and
     the combine Σ_j w_j y_j in slot order from zero, as CombineRows adds them. Differences from the module,
     none in the values: for one token a and b are two GEMVs into the halves of one (k, 2ff) buffer (for more
     tokens a GEMM by the stacked [w1; w3], as the module: two GEMMs of n > 1 rows rounded differently on the

@@ -148,16 +148,10 @@ class HFCausalLM(Module):
     def aux_losses(self) -> list:
         """The load-balance loss (a scalar Tensor, 1.0 when balanced) of every MoE layer after the last forward.
         transformers' Mixtral/Qwen3-MoE/OLMoE `aux_loss` over one batch is top_k times their mean."""
-        losses = []
-        for layer in self.moe_layers():
-            try:
-                loss = layer.aux_loss
-            except RuntimeError:  # layers that refuse to be read before their first forward
-                loss = None
-            if loss is None:
-                raise RuntimeError("aux_losses(): run a forward first (the MoE layers have no loss yet)")
-            losses.append(loss)
-        return losses
+        try:
+            return [layer.aux_loss for layer in self.moe_layers()]
+        except RuntimeError:  # an MoE layer's losses are set by a forward
+            raise RuntimeError("aux_losses(): run a forward first (the MoE layers have no loss yet)") from None
 
     def new_cache(self, batch: int, capacity: int) -> KVCache:
         """An empty KVCache for `batch` sequences of up to `capacity` tokens."""

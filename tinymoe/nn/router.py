@@ -94,7 +94,7 @@ class Router(Module):
         bound = 1 / math.sqrt(self.d_model)
         self.weight = init.uniform(shapes["weight"], bound, self.generator, compute_dtype, device)
         if self.kind == "noisy":
-            self.noise_weight = init.constant((self.n_experts, self.d_model), 0.0, compute_dtype, device)
+            self.noise_weight = init.constant(shapes["noise_weight"], 0.0, compute_dtype, device)
         if self.kind == "sigmoid":
             self.register_buffer("bias", self.weight.xp.zeros(self.n_experts, dtype=compute_dtype))
         if config.router_bias:
