@@ -8,7 +8,10 @@ record come from perf/bench_moe.py (own processes, torch peers).
     omp          each kernel call is one Numba parallel region (OpenMP threads, libgomp's default wait
                  policy); router: x Wᵀ and gᵀx on all BLAS threads, g W by einsum (before 2026-12-02)
     pool         kernels over the shared pool, one Numba thread each; router as in omp
-    pool+router  today's library: the pool, and the router's products on one BLAS thread
+    pool+router  the library of 2026-12-01 morning: the pool, and the router's products on one BLAS thread
+
+Since then the kernels are plain `nogil` loops (no `parallel=True`), so "omp" runs each kernel as one
+serial call on the calling thread: the comparison of record for the OpenMP threads is the history above.
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ from bench_common import SHAPES  # noqa: E402
 numba_cpu = importlib.import_module("tinymoe.kernels.numba_cpu")
 numba_swiglu = importlib.import_module("tinymoe.kernels.numba_swiglu")
 linear = importlib.import_module("tinymoe.functional.linear")
-POOL_ROWS, SMALL_PRODUCT, ROWS_TIMES_WEIGHT = numba_cpu.numba_rows, linear._small_product, linear._rows_times_weight
+POOL_ROWS, SMALL_PRODUCT, ROWS_TIMES_WEIGHT = numba_cpu.for_rows, linear._small_product, linear._rows_times_weight
 
 
 def openmp_rows(n_rows, kernel_call, elements):
@@ -36,7 +39,7 @@ def openmp_rows(n_rows, kernel_call, elements):
 
 def configure(name):
     rows = openmp_rows if name == "omp" else POOL_ROWS
-    numba_cpu.numba_rows = numba_swiglu.numba_rows = rows
+    numba_cpu.for_rows = numba_swiglu.for_rows = rows
     old_router = name in ("omp", "pool")
     linear._small_product = (lambda product, weight, rows_: product()) if old_router else SMALL_PRODUCT
     linear._rows_times_weight = ((lambda g, w: np.einsum("no,oi->ni", g, w) if w.shape[0] <= 16 else g @ w)

@@ -1,5 +1,5 @@
 """The CPU kernels' thread pool (tinymoe.kernels.cpu_threads): row ranges, and the Numba kernels split over it
-give the same bits as one range on one thread, never touching the caller's Numba thread count."""
+give the same bits as one range on one thread, and never start Numba's own (parallel=True) threads."""
 import numpy as np
 import pytest
 
@@ -54,7 +54,6 @@ def _as_tuple(result):
                                        "swiglu", "swiglu_backward"])
 def test_kernels_over_the_pool_match_one_range_and_the_reference(primitive, monkeypatch):
     call = _calls(np.random.default_rng(0))[primitive]
-    caller_threads = numba.get_num_threads()
     one_range = _as_tuple(call(numba_cpu))  # these sizes run as one range on the calling thread
     monkeypatch.setattr(cpu_threads, "MIN_PARALLEL_ELEMENTS", 0)  # every call over one range per core
     monkeypatch.setattr(cpu_threads, "cores", lambda: 3)  # more ranges than this machine may have cores
@@ -63,4 +62,20 @@ def test_kernels_over_the_pool_match_one_range_and_the_reference(primitive, monk
         np.testing.assert_array_equal(got, want)  # same bits: each row has one owner and one order of sums
     for got, want in zip(pooled, _as_tuple(call(reference))):
         np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
-    assert numba.get_num_threads() == caller_threads  # the caller's Numba setting is left alone
+
+
+def test_no_kernel_is_a_numba_parallel_region():
+    """Each kernel is a plain loop that releases the GIL: the pool gives the parallelism, Numba's threading
+    layer is never launched (its threads spin after each region and cost ~10 µs per launch)."""
+    from numba.core.registry import CPUDispatcher
+
+    from tinymoe.kernels import numba_swiglu
+    kernels = [value for module in (numba_cpu, numba_swiglu) for value in vars(module).values()
+               if isinstance(value, CPUDispatcher)]
+    assert len(kernels) >= 7
+    for kernel in kernels:
+        assert not kernel.targetoptions.get("parallel"), kernel
+    pooled = {kernel.py_func.__name__: kernel for kernel in kernels}
+    for name in ("_gather_rows", "_combine_rows", "_combine_weights_grad", "_sum_segments", "_swiglu",
+                 "_swiglu_backward"):
+        assert pooled[name].targetoptions.get("nogil"), name  # else the pool's threads would take turns

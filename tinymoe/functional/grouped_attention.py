@@ -43,6 +43,13 @@ def visible_keys(xp, query_len: int, key_len: int, causal: bool, sliding_window:
     return visible
 
 
+def _sees_every_key(query_len: int, key_len: int, causal: bool, sliding_window: int | None) -> bool:
+    """Whether every query sees every key: one query (a decoding step) at the last position, within its
+    window; or no mask at all."""
+    fits = sliding_window is None or sliding_window >= key_len
+    return fits and (not causal or query_len == 1)
+
+
 class GroupedQueryAttention(Function):
     """O = softmax(scale · Q Kᵀ, masked [, sinks]) V with q (B, Hq, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv),
     sinks (Hq,) or absent -> (B, Hq, Lq, Dv). Backward: the module docstring."""
@@ -57,13 +64,17 @@ class GroupedQueryAttention(Function):
         group = query_heads // kv_heads
         q5 = q.reshape(batch, kv_heads, group, query_len, q.shape[-1])  # query head h = (h // g, h % g)
         scores = (q5 @ k[:, :, None].swapaxes(-1, -2)) * scale  # (B, Hkv, g, Lq, Lk)
-        visible = visible_keys(xp, query_len, key_len, causal, sliding_window)
-        scores = xp.where(visible, scores, -xp.inf)
-        if sinks is None:
+        if sinks is None and _sees_every_key(query_len, key_len, causal, sliding_window):
+            probs = array_math.softmax(scores, axis=-1)  # the masked formula below with nothing masked, bit for bit
+            sink_probs = None
+        elif sinks is None:
+            visible = visible_keys(xp, query_len, key_len, causal, sliding_window)
+            scores = xp.where(visible, scores, -xp.inf)
             sees_a_key = visible.any(axis=-1, keepdims=True)  # rows with no key get P = 0, not NaN
             probs = array_math.softmax(xp.where(sees_a_key, scores, 0), axis=-1) * sees_a_key
             sink_probs = None
         else:
+            scores = xp.where(visible_keys(xp, query_len, key_len, causal, sliding_window), scores, -xp.inf)
             sink_logits = xp.broadcast_to(sinks.reshape(1, kv_heads, group, 1, 1), scores.shape[:-1] + (1,))
             with_sink = array_math.softmax(xp.concatenate([scores, sink_logits], axis=-1), axis=-1)
             probs, sink_probs = with_sink[..., :-1], with_sink[..., -1:]

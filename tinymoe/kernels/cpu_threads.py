@@ -3,11 +3,10 @@
 Why not Numba's own `parallel=True` threads: with its OpenMP layer, each parallel region leaves its worker
 threads spinning for a while (≈3.5 ms of a core per region on a 2-core Xeon, libgomp's default wait policy),
 and a cpu-small MoE step runs ~20 regions, so the spinning takes cores from the OpenBLAS matmuls next to them;
-the remedy, OMP_WAIT_POLICY=PASSIVE, is process-wide and read once, so a library cannot set it. Threads of
-this pool wait on a lock when idle (no spinning) and run each kernel with ONE Numba thread (a thread-local
-setting: `numba.set_num_threads` on the worker, never on the caller's thread), on a contiguous range of
-output rows. Every output row still has one owner and one fixed order of additions: results are identical
-to a single-threaded run, whatever the number of cores.
+the remedy, OMP_WAIT_POLICY=PASSIVE, is process-wide and read once, so a library cannot set it. The kernels
+are plain compiled loops that release the GIL; threads of this pool wait on a lock when idle (no spinning)
+and each runs a kernel on a contiguous range of output rows. Every output row still has one owner and one
+fixed order of additions: results are identical to a single-threaded run, whatever the number of cores.
 
     for_rows(n_rows, call, work)   call(start, stop) over one range of rows per core (inline when small)
     run_all(work, items)           [work(item) for item in items] over the pool, results in order
@@ -75,24 +74,6 @@ def for_rows(n_rows: int, call, elements: int) -> None:
         return
     for future in [executor(len(ranges)).submit(call, *bounds) for bounds in ranges]:
         future.result()
-
-
-def numba_rows(n_rows: int, kernel_call, elements: int) -> None:
-    """`for_rows` for a Numba kernel: each range runs with one Numba thread on its thread (set there and
-    restored after, so the caller's own Numba setting is never changed; see the module docstring)."""
-    import numba
-
-    def one_thread(start, stop):
-        saved = numba.get_num_threads()
-        if saved != 1:
-            numba.set_num_threads(1)
-        try:
-            kernel_call(start, stop)
-        finally:
-            if saved != 1:
-                numba.set_num_threads(saved)
-
-    for_rows(n_rows, one_thread, elements)
 
 
 # ----- one-thread BLAS for a region ---------------------------------------------------------------------------

@@ -1,22 +1,23 @@
-"""Numba CPU kernels of the dispatch primitives: parallel loops over output rows, float32 and float64.
+"""Numba CPU kernels of the dispatch primitives: loops over output rows, float32 and float64.
 
-Same names, signatures and results as `tinymoe.kernels.reference`, which defines them. Every parallel loop
-is owner-computes: iteration i alone writes output row i, so there are no races and no atomics, and each
-sum is taken in a fixed order: results are identical run to run whatever the thread count. Wrappers only
-make the inputs contiguous (indices int64), allocate the output and call the kernel.
+Same names, signatures and results as `tinymoe.kernels.reference`, which defines them. Every loop is
+owner-computes: iteration i alone writes output row i, so there are no races and no atomics, and each sum
+is taken in a fixed order: results are identical run to run whatever the thread count. Wrappers only make
+the inputs contiguous (indices int64), allocate the output and call the kernel.
 
-Threads: the wrappers split the output rows into one range per core and run the kernel on each range from
-`tinymoe.kernels.cpu_threads`' pool, with one Numba thread each, instead of letting Numba's OpenMP layer
-fork its own threads: those spin after every parallel region (libgomp's default wait policy, process-wide,
-which a library must not change) and take the cores the OpenBLAS matmuls next to them need. A range is
-still a `prange` loop, so a caller running a kernel directly gets Numba's own threads.
+Threads: each kernel is a plain compiled loop that releases the GIL (`nogil`); the wrappers split the output
+rows into one range per core and run the kernel on each range from `tinymoe.kernels.cpu_threads`' pool
+(small outputs: one call on the calling thread). Numba's own `parallel=True` threads are never started:
+their OpenMP layer leaves them spinning after every region (libgomp's default wait policy, process-wide,
+which a library must not change), taking the cores the OpenBLAS matmuls next to them need, and even on one
+thread a parallel launch costs ~10 µs, which a decoding step (one token) pays per kernel.
 """
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
-from .cpu_threads import numba_rows
+from .cpu_threads import for_rows
 from .numba_swiglu import swiglu, swiglu_backward  # noqa: F401  (this implementation's SwiGLU kernels)
 from .plan import RoutingPlan
 
@@ -101,11 +102,11 @@ def _sort_by_target(index, n_rows):
     return starts, order
 
 
-@njit(parallel=True, cache=True)
+@njit(nogil=True, cache=True)
 def _gather_rows(x, starts, order, scale, out):
     # Source-major: iteration n reads x[n] once and writes every output row that takes it (K of them in an
     # MoE dispatch), instead of reading x[n] K times from memory; each output row still has one writer.
-    for source in prange(x.shape[0]):
+    for source in range(x.shape[0]):
         for position in range(starts[source], starts[source + 1]):
             i = order[position]
             if scale is None:
@@ -128,15 +129,15 @@ def gather_rows(x, index, scale=None):
         scale = np.ascontiguousarray(scale, dtype=x.dtype)
     starts, order = _sort_by_target(index, x.shape[0])
     out = np.empty((index.shape[0], x.shape[1]), dtype=x.dtype)
-    numba_rows(x.shape[0], lambda start, stop: _gather_rows(x[start:stop], starts[start:stop + 1], order, scale, out),
+    for_rows(x.shape[0], lambda start, stop: _gather_rows(x[start:stop], starts[start:stop + 1], order, scale, out),
                out.size)
     return out
 
 
-@njit(parallel=True, cache=True)
+@njit(nogil=True, cache=True)
 def _combine_rows(y, index, weights, out):
     zero = out.dtype.type(0)
-    for token in prange(index.shape[0]):
+    for token in range(index.shape[0]):
         out[token, :] = zero  # then add slot by slot: the reference's order of additions exactly
         for slot in range(index.shape[1]):
             row = index[token, slot]
@@ -162,17 +163,17 @@ def combine_rows(y, index, weights=None):
     if weights is not None:
         weights = np.ascontiguousarray(weights, dtype=y.dtype)
     out = np.empty((index.shape[0], y.shape[1]), dtype=y.dtype)
-    numba_rows(index.shape[0], lambda start, stop: _combine_rows(
+    for_rows(index.shape[0], lambda start, stop: _combine_rows(
         y, index[start:stop], None if weights is None else weights[start:stop], out[start:stop]), out.size)
     return out
 
 
 # reassoc lets LLVM split the dot product into vector partial sums; the split is fixed when the kernel is
 # compiled, so results stay identical run to run (and each dw[t, j] still has one owner).
-@njit(parallel=True, cache=True, fastmath={"reassoc", "contract"})
+@njit(nogil=True, cache=True, fastmath={"reassoc", "contract"})
 def _combine_weights_grad(grad_out, y, index, grad_weights):
     zero = grad_weights.dtype.type(0)
-    for token in prange(index.shape[0]):
+    for token in range(index.shape[0]):
         for slot in range(index.shape[1]):
             row = index[token, slot]
             total = zero
@@ -192,16 +193,16 @@ def combine_weights_grad(grad_out, y, index):
     index = np.ascontiguousarray(index, dtype=np.int64)
     _check_rows(index, y.shape[0], "index", allow_none=True)
     grad_weights = np.empty(index.shape, dtype=y.dtype)
-    numba_rows(index.shape[0], lambda start, stop: _combine_weights_grad(
+    for_rows(index.shape[0], lambda start, stop: _combine_weights_grad(
         grad_out[start:stop], y, index[start:stop], grad_weights[start:stop]), index.size * y.shape[1])
     return grad_weights
 
 
 # ----- scatter-add -------------------------------------------------------------------------------------
-@njit(parallel=True, cache=True)
+@njit(nogil=True, cache=True)
 def _sum_segments(values, starts, order, out):
     zero = out.dtype.type(0)
-    for row in prange(out.shape[0]):
+    for row in range(out.shape[0]):
         out[row, :] = zero
         for position in range(starts[row], starts[row + 1]):
             source = order[position]
@@ -219,6 +220,6 @@ def scatter_add_rows(values, index, n_rows: int):
     _check_rows(index, n_rows, "index")
     starts, order = _sort_by_target(index, n_rows)
     out = np.empty((n_rows, values.shape[1]), dtype=values.dtype)
-    numba_rows(n_rows, lambda start, stop: _sum_segments(values, starts[start:stop + 1], order, out[start:stop]),
+    for_rows(n_rows, lambda start, stop: _sum_segments(values, starts[start:stop + 1], order, out[start:stop]),
                out.size)
     return out

@@ -2,18 +2,20 @@
 
 Part of the "numba" implementation (`tinymoe.kernels.numba_cpu` re-exports `swiglu` and `swiglu_backward`);
 same results as `tinymoe.kernels.reference`. Owner-computes loops over rows: no races, fixed order. The
-wrappers run one range of rows per core on `tinymoe.kernels.cpu_threads`' pool, one Numba thread each (why:
-see that module); called from a pool worker (an expert block), a kernel runs inline on that worker.
+kernels release the GIL; the wrappers run one range of rows per core on `tinymoe.kernels.cpu_threads`' pool
+(why not Numba's parallel threads: `tinymoe.kernels.numba_cpu`); small outputs and calls from a pool worker
+(an expert block) run inline on the calling thread.
 """
 from __future__ import annotations
 
 import math
 
 import numpy as np
-from numba import njit, prange, types
+from numba import njit, types
 from numba.extending import overload
 
-from .cpu_threads import numba_rows
+from . import cpu_threads
+from .cpu_threads import for_rows
 
 
 # ----- SwiGLU ------------------------------------------------------------------------------------------
@@ -97,19 +99,19 @@ def _row(flat, step, row, width):
     return flat[row * step:row * step + width]
 
 
-@njit(parallel=True, cache=True)
+@njit(nogil=True, cache=True)
 def _swiglu(a, a_step, b, b_step, h, h_step, n_rows, width):
-    for row in prange(n_rows):
+    for row in range(n_rows):
         gates, ups, out = _row(a, a_step, row, width), _row(b, b_step, row, width), _row(h, h_step, row, width)
         _precompute_sigmoid(gates, out)
         for column in range(width):
             out[column] = gates[column] * _sigmoid_at(gates, out, column) * ups[column]  # (a·σ)·b, as below
 
 
-@njit(parallel=True, cache=True)
+@njit(nogil=True, cache=True)
 def _swiglu_backward(a, a_step, b, b_step, g, g_step, grad_a, da_step, grad_b, db_step, h, h_step, n_rows, width):
     one = grad_a.dtype.type(1)
-    for row in prange(n_rows):
+    for row in range(n_rows):
         gates, ups, out = _row(a, a_step, row, width), _row(b, b_step, row, width), _row(h, h_step, row, width)
         grads, grad_gates, grad_ups = (_row(g, g_step, row, width), _row(grad_a, da_step, row, width),
                                        _row(grad_b, db_step, row, width))
@@ -138,6 +140,8 @@ def _as_rows(array, dtype):
 def _flat(rows):
     """(flat, step) of rows from `_as_rows` (see above)."""
     n_rows, width = rows.shape
+    if rows.flags.c_contiguous:
+        return rows.reshape(-1), width  # a view, without as_strided's cost (~2 µs, paid per call when decoding)
     step = rows.strides[0] // rows.itemsize if n_rows > 1 else width
     length = (n_rows - 1) * step + width if n_rows else 0
     return np.lib.stride_tricks.as_strided(rows, shape=(length,), strides=(rows.itemsize,)), step
@@ -148,8 +152,10 @@ def swiglu(a, b):
     dtype = np.result_type(a, b)
     a_rows, b_rows = _as_rows(a, dtype), _as_rows(b, dtype)
     h = np.empty(a_rows.shape, dtype)
-    if h.size:
-        numba_rows(h.shape[0], lambda start, stop: _swiglu(
+    if 0 < h.size < cpu_threads.MIN_PARALLEL_ELEMENTS:  # one call here (a decoding step: k rows), without the pool's path
+        _swiglu(*_flat(a_rows), *_flat(b_rows), *_flat(h), h.shape[0], h.shape[1])
+    elif h.size:
+        for_rows(h.shape[0], lambda start, stop: _swiglu(
             *_flat(a_rows[start:stop]), *_flat(b_rows[start:stop]), *_flat(h[start:stop]), stop - start, h.shape[1]),
             h.size)
     return h.reshape(np.shape(a))
@@ -173,5 +179,5 @@ def swiglu_backward(a, b, grad_h, out=None):
         def rows(start, stop):
             _swiglu_backward(*(piece for array in (a_rows, b_rows, grad_rows, grad_a, grad_b, h)
                                for piece in _flat(array[start:stop])), stop - start, h.shape[1])
-        numba_rows(h.shape[0], rows, h.size)
+        for_rows(h.shape[0], rows, h.size)
     return grad_a.reshape(np.shape(a)), grad_b.reshape(np.shape(a)), h.reshape(np.shape(a))

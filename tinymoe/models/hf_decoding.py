@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..engine.array_math import softmax, stable_top_k
 from ..engine.function import Context
 from ..engine.tensor import Tensor
 from ..functional.linear import Linear as LinearOp
@@ -70,33 +71,49 @@ def moe_layer_arrays(moe):
             router.groups, experts.w1.data, experts.w3.data, experts.w2.data)
 
 
+def _one_token(arrays, row):
+    """`moe_arrays` for one row (1, d), a decoding step, with the fewest calls: the router's logits as
+    Linear's forward computes them for one row, the top-k and weights as SoftmaxTopK's forward (stable_top_k
+    of the logits; normalize: softmax of the chosen logits, else the chosen entries of softmax(logits)), the
+    probabilities only where the weights need them; a and b GEMVs into the two contiguous halves of one
+    (2, k, ff) buffer; one swiglu; y_j = h_j w2[e_j]ᵀ and the combine Σ_j w_j y_j from zero in slot order."""
+    router_weight, router_bias, top_k, normalize, _, w1, w3, w2 = arrays
+    logits = row @ router_weight.T
+    if router_bias is not None:
+        logits = logits + router_bias
+    expert_ids = stable_top_k(logits, top_k)
+    chosen = expert_ids[0].tolist()
+    weights = softmax(logits[:, chosen], axis=1) if normalize else softmax(logits, axis=1)[:, chosen]
+    gate_up = np.empty((2, top_k, w1.shape[1]), row.dtype)
+    for slot, expert in enumerate(chosen):
+        np.matmul(row, w1[expert].T, out=gate_up[0, slot:slot + 1])
+        np.matmul(row, w3[expert].T, out=gate_up[1, slot:slot + 1])
+    hidden = implementation(row).swiglu(gate_up[0], gate_up[1])
+    out = np.zeros_like(row)
+    for slot, expert in enumerate(chosen):
+        out += weights[:, slot:slot + 1] * (hidden[slot:slot + 1] @ w2[expert].T)
+    return out
+
+
 def moe_arrays(ctx, arrays, x):
     """tm.nn.MoE's forward on arrays, x (B, L, d), for `moe_layer_arrays`: the router's logits and SoftmaxTopK,
     then each expert's block of rows as SwiGLUExperts computes it (a = x w1[e]ᵀ, b = x w3[e]ᵀ, h = swiglu(a, b)
     with the registry's kernel, y = h w2[e]ᵀ; rows grouped by expert) and
     the combine Σ_j w_j y_j in slot order from zero, as CombineRows adds them. Differences from the module,
-    none in the values: for one token a and b are two GEMVs into the halves of one (k, 2ff) buffer (for more
-    tokens a GEMM by the stacked [w1; w3], as the module: two GEMMs of n > 1 rows rounded differently on the
-    98M benchmark model); the blocks run one after another on the calling thread (no pool, no BLAS thread
-    switching: a short prompt's blocks are a few rows); one swiglu call covers every block. (Running one token's
-    two experts on two threads was measured 0.5 ms per step slower on the 98M benchmark model, 2 cores.)"""
+    none in the values: one token (a decoding step) takes `_one_token`, whose a and b are two GEMVs (equal
+    to the module's one-row product by the stacked [w1; w3]; for n > 1 rows the two round differently on the
+    98M benchmark model, so more tokens take the stacked GEMM, as the module); the blocks run one after
+    another on the calling thread (no pool, no BLAS thread switching: a short prompt's blocks are a few rows);
+    one swiglu call covers every block. (Running one token's two experts on two threads was measured 0.5 ms
+    per step slower on the 98M benchmark model, 2 cores: waking a thread costs more than a GEMV.)"""
     router_weight, router_bias, top_k, normalize, groups, w1, w3, w2 = arrays
     rows = x.reshape(-1, x.shape[-1])
+    if rows.shape[0] == 1 and groups is None and rows.dtype == router_weight.dtype:
+        return _one_token(arrays, rows).reshape(x.shape)
     logits = LinearOp.forward(ctx, rows.astype(router_weight.dtype), router_weight, router_bias)
     _, weights, expert_ids = SoftmaxTopK.forward(ctx, logits, top_k, normalize, groups)
     weights = weights.astype(rows.dtype)
     n_tokens, d_ff = expert_ids.shape[0], w1.shape[1]
-    if n_tokens == 1:  # decoding: one row per slot, each its own block, in slot order
-        gate_up = np.empty((top_k, 2 * d_ff), rows.dtype)
-        chosen = expert_ids[0].tolist()
-        for slot, expert in enumerate(chosen):
-            np.matmul(rows, w1[expert].T, out=gate_up[slot:slot + 1, :d_ff])
-            np.matmul(rows, w3[expert].T, out=gate_up[slot:slot + 1, d_ff:])
-        hidden = implementation(rows).swiglu(gate_up[:, :d_ff], gate_up[:, d_ff:])
-        out = np.zeros_like(rows)
-        for slot, expert in enumerate(chosen):
-            out += weights[:, slot:slot + 1] * (hidden[slot:slot + 1] @ w2[expert].T)
-        return out.reshape(x.shape)
     slots = expert_ids.reshape(-1)
     order = np.argsort(slots, kind="stable")  # the plan's rows: by expert, then by (token, slot)
     dispatched = rows[order // top_k]
