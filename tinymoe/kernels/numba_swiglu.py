@@ -99,7 +99,7 @@ def _row(flat, step, row, width):
     return flat[row * step:row * step + width]
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, error_model="numpy")
 def _swiglu(a, a_step, b, b_step, h, h_step, n_rows, width):
     for row in range(n_rows):
         gates, ups, out = _row(a, a_step, row, width), _row(b, b_step, row, width), _row(h, h_step, row, width)
@@ -108,7 +108,7 @@ def _swiglu(a, a_step, b, b_step, h, h_step, n_rows, width):
             out[column] = gates[column] * _sigmoid_at(gates, out, column) * ups[column]  # (a·σ)·b, as below
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, error_model="numpy")
 def _swiglu_backward(a, a_step, b, b_step, g, g_step, grad_a, da_step, grad_b, db_step, h, h_step, n_rows, width):
     one = grad_a.dtype.type(1)
     for row in range(n_rows):
