@@ -9,7 +9,8 @@ expert is a few dense matmuls on one contiguous block (weights in torch layout: 
 The public functions check shapes, dtypes and offsets; the `*_unchecked` entries take the same arguments and
 check nothing (inputs trusted: they come from a RoutingPlan and an Experts module). The SwiGLU kernels are
 looked up once in forward (`tinymoe.kernels`) and kept on `ctx` for backward. On the CPU, SwiGLU expert blocks
-run over a pool of one thread per core, each with one-thread BLAS (`run_blocks`: what it changes and when).
+run over a pool of one thread per core, each with one-thread BLAS (`run_blocks`: what it changes and when),
+and their large buffers come from `tinymoe.engine.workspace` (reused memory: no fresh pages every step).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import numpy as np
 
 from ..engine.array_math import ACTIVATIONS_WITH_DERIVATIVE
 from ..engine.checks import describe, require_same_dtype, require_tensor
+from ..engine import workspace
 from ..engine.function import Function
 from ..kernels import cpu_threads
 from ..kernels.registry import implementation
@@ -103,11 +105,12 @@ class SwiGLUExperts(Function):
         xp = ctx.xp
         ctx.kernels = implementation(xs)
         swiglu, d_ff = ctx.kernels.swiglu, w1.shape[1]
-        out = xp.empty((xs.shape[0], w2.shape[1]), xs.dtype)
+        out = workspace.empty((xs.shape[0], w2.shape[1]), xs.dtype, xp)
 
         def expert_forward(block):
             expert, start, stop = block
-            gate_up = xs[start:stop] @ _stacked(xp, w1, w3, expert).T              # (n, 2ff) = [a | b]
+            gate_up = workspace.empty((stop - start, 2 * d_ff), xs.dtype, xp)
+            xp.matmul(xs[start:stop], _stacked(xp, w1, w3, expert).T, out=gate_up)  # (n, 2ff) = [a | b]
             xp.matmul(swiglu(gate_up[:, :d_ff], gate_up[:, d_ff:]), w2[expert].T, out=out[start:stop])
             return (expert, start, stop, gate_up) if ctx.requires_grad else None
 
@@ -121,14 +124,15 @@ class SwiGLUExperts(Function):
         xp = ctx.xp
         xs, w1, w3, w2, saved = ctx.saved_tensors
         d_ff = w1.shape[1]
-        grad_w1, grad_w3, grad_w2 = xp.empty_like(w1), xp.empty_like(w3), xp.empty_like(w2)
+        grad_w1, grad_w3, grad_w2 = (workspace.empty_like(w, xp) for w in (w1, w3, w2))
         _zero_idle((grad_w1, grad_w3, grad_w2), ctx.offsets)
-        grad_xs = xp.empty_like(xs) if ctx.needs_input_grad[0] else None
+        grad_xs = workspace.empty_like(xs, xp) if ctx.needs_input_grad[0] else None
 
         def expert_backward(block):
             expert, start, stop, gate_up = block
             x_block, grad_block = xs[start:stop], grad[start:stop]
-            grad_gate_up, activated = _swiglu_backward(ctx.kernels, xp, gate_up, grad_block @ w2[expert])
+            grad_hidden = xp.matmul(grad_block, w2[expert], out=workspace.empty((stop - start, d_ff), xs.dtype, xp))
+            grad_gate_up, activated = _swiglu_backward(ctx.kernels, xp, gate_up, grad_hidden)
             xp.matmul(grad_block.T, activated, out=grad_w2[expert])
             xp.matmul(grad_gate_up[:, :d_ff].T, x_block, out=grad_w1[expert])
             xp.matmul(grad_gate_up[:, d_ff:].T, x_block, out=grad_w3[expert])
@@ -141,7 +145,9 @@ class SwiGLUExperts(Function):
 
 def _stacked(xp, w1, w3, expert):
     """w13 = [w1[expert]; w3[expert]] (2ff, d): the gate and up projections as one weight."""
-    return xp.concatenate((w1[expert], w3[expert]))
+    stacked = workspace.empty((2 * w1.shape[1], w1.shape[2]), w1.dtype, xp)
+    stacked[:w1.shape[1]], stacked[w1.shape[1]:] = w1[expert], w3[expert]
+    return stacked
 
 
 @functools.lru_cache(maxsize=None)
@@ -158,7 +164,7 @@ def _swiglu_backward(kernels, xp, gate_up, grad_h):
     d_ff = grad_h.shape[1]
     gate, up = gate_up[:, :d_ff], gate_up[:, d_ff:]
     if _writes_into(kernels.swiglu_backward):
-        grad_gate_up = xp.empty_like(gate_up)
+        grad_gate_up = workspace.empty_like(gate_up, xp)
         halves = grad_gate_up[:, :d_ff], grad_gate_up[:, d_ff:]
         _, _, activated = kernels.swiglu_backward(gate, up, grad_h, out=halves)
         return grad_gate_up, activated

@@ -3,7 +3,8 @@
 Same names, signatures and results as `tinymoe.kernels.reference`, which defines them. Every loop is
 owner-computes: iteration i alone writes output row i, so there are no races and no atomics, and each sum
 is taken in a fixed order: results are identical run to run whatever the thread count. Wrappers only make
-the inputs contiguous (indices int64), allocate the output and call the kernel.
+the inputs contiguous (indices int64), allocate the output (large ones on `tinymoe.engine.workspace`'s reused
+memory) and call the kernel.
 
 Threads: each kernel is a plain compiled loop that releases the GIL (`nogil`); the wrappers split the output
 rows into one range per core and run the kernel on each range from `tinymoe.kernels.cpu_threads`' pool
@@ -19,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from ..engine import workspace
 from .cpu_threads import for_rows
 from .numba_swiglu import swiglu, swiglu_backward  # noqa: F401  (this implementation's SwiGLU kernels)
 from .plan import RoutingPlan
@@ -130,7 +132,7 @@ def gather_rows(x, index, scale=None):
     if scale is not None:
         scale = np.ascontiguousarray(scale, dtype=x.dtype)
     starts, order = _sort_by_target(index, x.shape[0])
-    out = np.empty((index.shape[0], x.shape[1]), dtype=x.dtype)
+    out = workspace.empty((index.shape[0], x.shape[1]), x.dtype)
     for_rows(x.shape[0], lambda start, stop: _gather_rows(x[start:stop], starts[start:stop + 1], order, scale, out),
                out.size)
     return out
@@ -164,7 +166,7 @@ def combine_rows(y, index, weights=None):
     _check_rows(index, y.shape[0], "index", allow_none=True)
     if weights is not None:
         weights = np.ascontiguousarray(weights, dtype=y.dtype)
-    out = np.empty((index.shape[0], y.shape[1]), dtype=y.dtype)
+    out = workspace.empty((index.shape[0], y.shape[1]), y.dtype)
     for_rows(index.shape[0], lambda start, stop: _combine_rows(
         y, index[start:stop], None if weights is None else weights[start:stop], out[start:stop]), out.size)
     return out
@@ -221,7 +223,7 @@ def scatter_add_rows(values, index, n_rows: int):
     index = np.ascontiguousarray(index, dtype=np.int64)
     _check_rows(index, n_rows, "index")
     starts, order = _sort_by_target(index, n_rows)
-    out = np.empty((n_rows, values.shape[1]), dtype=values.dtype)
+    out = workspace.empty((n_rows, values.shape[1]), values.dtype)
     for_rows(n_rows, lambda start, stop: _sum_segments(values, starts[start:stop + 1], order, out[start:stop]),
                out.size)
     return out

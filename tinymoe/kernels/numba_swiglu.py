@@ -14,6 +14,7 @@ import numpy as np
 from numba import njit, types
 from numba.extending import overload
 
+from ..engine import workspace
 from . import cpu_threads
 from .cpu_threads import for_rows
 
@@ -151,7 +152,7 @@ def swiglu(a, b):
     """h = silu(a) · b = a · σ(a) · b, elementwise; a, b of one shape (2-D row views are read in place)."""
     dtype = np.result_type(a, b)
     a_rows, b_rows = _as_rows(a, dtype), _as_rows(b, dtype)
-    h = np.empty(a_rows.shape, dtype)
+    h = workspace.empty(a_rows.shape, dtype)
     if 0 < h.size < cpu_threads.MIN_PARALLEL_ELEMENTS:  # one call here (a decoding step: k rows), without the pool's path
         _swiglu(*_flat(a_rows), *_flat(b_rows), *_flat(h), h.shape[0], h.shape[1])
     elif h.size:
@@ -169,12 +170,12 @@ def swiglu_backward(a, b, grad_h, out=None):
     """
     dtype = np.result_type(a, b, grad_h)
     a_rows, b_rows, grad_rows = _as_rows(a, dtype), _as_rows(b, dtype), _as_rows(grad_h, dtype)
-    grad_a, grad_b = (np.empty(a_rows.shape, dtype) for _ in range(2)) if out is None else out
+    grad_a, grad_b = (workspace.empty(a_rows.shape, dtype) for _ in range(2)) if out is None else out
     for name, array in () if out is None else (("da", grad_a), ("db", grad_b)):
         if not isinstance(array, np.ndarray) or array.shape != np.shape(a) or _as_rows(array, dtype) is not array:
             raise ValueError(f"swiglu_backward: out {name} must be a 2-D {dtype} NumPy array of shape {np.shape(a)} "
                              f"with contiguous rows, got {getattr(array, 'shape', array)} {getattr(array, 'dtype', '')}")
-    h = np.empty(a_rows.shape, dtype)
+    h = workspace.empty(a_rows.shape, dtype)
     if h.size:
         def rows(start, stop):
             _swiglu_backward(*(piece for array in (a_rows, b_rows, grad_rows, grad_a, grad_b, h)
