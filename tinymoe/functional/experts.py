@@ -91,11 +91,12 @@ class SwiGLUExperts(Function):
 
     w1[e] and w3[e] act as one stacked weight w13 = [w1[e]; w3[e]] (2ff, d), built per expert block (a 2ff·d
     copy, small next to the matmuls): one GEMM gives [a | b] = x w13ᵀ (n, 2ff), and the backward needs one GEMM
-    for dx and none for a temporary, 6 GEMMs per expert instead of 9. Only [a | b] is saved per block (none
-    under no_grad); h = silu(a)⊙b comes back from the backward kernel's single pass over (a, b).
-    Backward per expert block, with dh = dy w2[e]:
-    (da, db, h) = swiglu'(a, b; dh);  dw2[e] = dyᵀ h;  dw1[e] = daᵀ x;  dw3[e] = dbᵀ x;  dx = [da | db] w13.
-    dx sums over the 2ff columns in one product, so its bits differ from computing da w1 + db w3 in two.
+    for dx, one for [dw1[e]; dw3[e]] and none for a temporary: 6 GEMMs per expert instead of 9. Only [a | b]
+    is saved per block (nothing under no_grad; w13 is built again: saving it would cost E·2ff·d of memory for
+    ~1% of a step); h = silu(a)⊙b comes back from the backward kernel's single pass over (a, b). Backward per expert block, with dh = dy w2[e]:
+    (da, db, h) = swiglu'(a, b; dh);  dw2[e] = dyᵀ h;  [dw1[e]; dw3[e]] = [da | db]ᵀ x;  dx = [da | db] w13.
+    dx sums over the 2ff columns in one product, so its bits differ from computing da w1 + db w3 in two. The
+    gradients of w1 and w3 are the two halves of one (E, 2ff, d) array (views, each row contiguous).
     """
 
     fresh_gradients = True
@@ -124,8 +125,10 @@ class SwiGLUExperts(Function):
         xp = ctx.xp
         xs, w1, w3, w2, saved = ctx.saved_tensors
         d_ff = w1.shape[1]
-        grad_w1, grad_w3, grad_w2 = (workspace.empty_like(w, xp) for w in (w1, w3, w2))
-        _zero_idle((grad_w1, grad_w3, grad_w2), ctx.offsets)
+        n_experts, _, d_model = w1.shape
+        grad_w13 = workspace.empty((n_experts, 2 * d_ff, d_model), w1.dtype, xp)  # [dw1[e]; dw3[e]] per expert
+        grad_w1, grad_w3, grad_w2 = grad_w13[:, :d_ff], grad_w13[:, d_ff:], workspace.empty_like(w2, xp)
+        _zero_idle((grad_w13, grad_w2), ctx.offsets)
         grad_xs = workspace.empty_like(xs, xp) if ctx.needs_input_grad[0] else None
 
         def expert_backward(block):
@@ -134,8 +137,7 @@ class SwiGLUExperts(Function):
             grad_hidden = xp.matmul(grad_block, w2[expert], out=workspace.empty((stop - start, d_ff), xs.dtype, xp))
             grad_gate_up, activated = _swiglu_backward(ctx.kernels, xp, gate_up, grad_hidden)
             xp.matmul(grad_block.T, activated, out=grad_w2[expert])
-            xp.matmul(grad_gate_up[:, :d_ff].T, x_block, out=grad_w1[expert])
-            xp.matmul(grad_gate_up[:, d_ff:].T, x_block, out=grad_w3[expert])
+            xp.matmul(grad_gate_up.T, x_block, out=grad_w13[expert])
             if grad_xs is not None:
                 xp.matmul(grad_gate_up, _stacked(xp, w1, w3, expert), out=grad_xs[start:stop])
 

@@ -40,10 +40,11 @@ def _sigmoid_exact(gate, one):
 _LOG2_E, _LN2_HIGH, _LN2_LOW = np.float32(1.4426950408889634), np.float32(0.693359375), np.float32(-2.12194440e-4)
 
 
-def _sigmoid_row_float32(gates, sigma):
-    """sigma[c] = σ(gates[c]) for one float32 row, vectorisable (see above)."""
+def _sigmoid_row_float32(gates, sigma, scratch):
+    """sigma[c] = σ(gates[c]) for one float32 row, vectorisable (see above); scratch: int32 of the row's width
+    for the exponent bits (allocated once per kernel call, not per row: 15% of the kernel)."""
+    exponent_bits = scratch
     one, half = np.float32(1), np.float32(0.5)
-    exponent_bits = np.empty(gates.shape[0], np.int32)
     for column in range(gates.shape[0]):
         x = max(-abs(gates[column]), np.float32(-87))
         n = np.floor(x * _LOG2_E + half)
@@ -60,8 +61,9 @@ def _sigmoid_row_float32(gates, sigma):
         sigma[column] = inverse if gates[column] >= 0 else decay * inverse
 
 
-def _precompute_sigmoid(gates, sigma):
-    """float32: sigma[c] = σ(gates[c]) for the row; other dtypes: nothing. Compiled code only."""
+def _precompute_sigmoid(gates, sigma, scratch):
+    """float32: sigma[c] = σ(gates[c]) for the row (scratch: int32, the row's width); other dtypes: nothing.
+    Compiled code only."""
     raise NotImplementedError("runs inside Numba kernels only")
 
 
@@ -71,11 +73,11 @@ def _sigmoid_at(gates, sigma, column):
 
 
 @overload(_precompute_sigmoid, inline="always")
-def _precompute_sigmoid_for_dtype(gates, sigma):
+def _precompute_sigmoid_for_dtype(gates, sigma, scratch):
     if gates.dtype == types.float32:
         return _sigmoid_row_float32
 
-    def nothing_to_precompute(gates, sigma):
+    def nothing_to_precompute(gates, sigma, scratch):
         pass
     return nothing_to_precompute
 
@@ -102,9 +104,10 @@ def _row(flat, step, row, width):
 
 @njit(nogil=True, cache=True, error_model="numpy")
 def _swiglu(a, a_step, b, b_step, h, h_step, n_rows, width):
+    scratch = np.empty(width, np.int32)
     for row in range(n_rows):
         gates, ups, out = _row(a, a_step, row, width), _row(b, b_step, row, width), _row(h, h_step, row, width)
-        _precompute_sigmoid(gates, out)
+        _precompute_sigmoid(gates, out, scratch)
         for column in range(width):
             out[column] = gates[column] * _sigmoid_at(gates, out, column) * ups[column]  # (a·σ)·b, as below
 
@@ -112,11 +115,12 @@ def _swiglu(a, a_step, b, b_step, h, h_step, n_rows, width):
 @njit(nogil=True, cache=True, error_model="numpy")
 def _swiglu_backward(a, a_step, b, b_step, g, g_step, grad_a, da_step, grad_b, db_step, h, h_step, n_rows, width):
     one = grad_a.dtype.type(1)
+    scratch = np.empty(width, np.int32)
     for row in range(n_rows):
         gates, ups, out = _row(a, a_step, row, width), _row(b, b_step, row, width), _row(h, h_step, row, width)
         grads, grad_gates, grad_ups = (_row(g, g_step, row, width), _row(grad_a, da_step, row, width),
                                        _row(grad_b, db_step, row, width))
-        _precompute_sigmoid(gates, out)
+        _precompute_sigmoid(gates, out, scratch)
         for column in range(width):
             gate, up, sigma = gates[column], ups[column], _sigmoid_at(gates, out, column)
             silu = gate * sigma
