@@ -99,7 +99,7 @@ def test_gated_experts_op_gradcheck(activation, biases):
 
 def test_clamp_gradient_matches_torch_including_the_boundary():
     torch = pytest.importorskip("torch")
-    from tinymoe.functional.gated_experts import clamped_swiglu_with_derivative
+    from tinymoe.engine.array_math import clamped_swiglu_with_derivative
     gate = np.array([-3.0, -0.5, 0.3, LIMIT, 1.5, 0.7, LIMIT])
     up = np.array([-2.0, -LIMIT, 0.2, 0.4, 3.0, LIMIT, -0.3])
     out, d_gate, d_up = clamped_swiglu_with_derivative(gate, up, ALPHA, LIMIT)

@@ -139,6 +139,29 @@ def gelu_with_derivative(x):
     return x * cdf, cdf + x * normal_pdf(x)
 
 
+def clamped_swiglu_with_derivative(gate, up, alpha: float, limit: float):
+    """GPT-OSS's gated activation: (h, ∂h/∂gate, ∂h/∂up) of h = (clip(up, ±limit) + 1) · g·σ(alpha·g),
+    g = min(gate, limit).
+
+    ∂h/∂gate = (up' + 1) · (σ + alpha·g·σ·(1 − σ)) where gate ≤ limit, else 0;
+    ∂h/∂up = g·σ(alpha·g) where |up| ≤ limit, else 0.
+    """
+    clamped_gate = gate.clip(None, limit)
+    clamped_up = up.clip(-limit, limit)
+    sigma = sigmoid(alpha * clamped_gate)
+    glu = clamped_gate * sigma
+    out = (clamped_up + 1) * glu
+    gate_slope = (clamped_up + 1) * (sigma + alpha * clamped_gate * sigma * (1 - sigma)) * (gate <= limit)
+    up_slope = glu * ((up >= -limit) & (up <= limit))
+    return out, gate_slope.astype(gate.dtype, copy=False), up_slope.astype(up.dtype, copy=False)
+
+
+def swiglu_with_derivative(gate, up):
+    """(h, ∂h/∂gate, ∂h/∂up) of h = silu(gate) · up."""
+    activated, slope = silu_with_derivative(gate)
+    return activated * up, slope * up, activated
+
+
 ACTIVATIONS_WITH_DERIVATIVE = {
     "relu": relu_with_derivative,
     "silu": silu_with_derivative,
