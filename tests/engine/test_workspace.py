@@ -109,3 +109,17 @@ def test_moe_training_steps_reach_a_steady_state_without_new_buffers():
     assert workspace.stats()["created"] == created  # every large buffer came from the free list
     for a, b in zip(first, last):
         np.testing.assert_array_equal(a, b)  # reused memory changes no value
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+def test_a_forked_child_does_not_share_workspace_memory():
+    import os
+
+    array = workspace.empty(BIG, np.float32)
+    array[...] = 1.0
+    pid = os.fork()
+    if pid == 0:  # the child writes into its copy and leaves at once
+        array[...] = 2.0
+        os._exit(0)
+    os.waitpid(pid, 0)
+    assert (array == 1.0).all()  # private memory: the child's write is its own

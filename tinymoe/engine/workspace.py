@@ -38,7 +38,15 @@ _state = {"free": [], "free_bytes": 0, "limit": DEFAULT_LIMIT, "reused": 0, "cre
 
 
 def _new_block(n_bytes: int) -> mmap.mmap:
-    block = mmap.mmap(-1, max(BLOCK_GRANULE, math.ceil(n_bytes / BLOCK_GRANULE) * BLOCK_GRANULE))
+    size = max(BLOCK_GRANULE, math.ceil(n_bytes / BLOCK_GRANULE) * BLOCK_GRANULE)
+    # Private, as malloc's memory: mmap's default for anonymous maps is MAP_SHARED, whose pages a forked child
+    # would share with this process (and which is shmem, without transparent huge pages).
+    private = getattr(mmap, "MAP_PRIVATE", None)
+    anonymous = getattr(mmap, "MAP_ANONYMOUS", None)
+    if private is None or anonymous is None:  # not a POSIX mmap (Windows): the default map is private
+        block = mmap.mmap(-1, size)
+    else:
+        block = mmap.mmap(-1, size, flags=private | anonymous)
     if hasattr(mmap, "MADV_HUGEPAGE"):
         try:
             block.madvise(mmap.MADV_HUGEPAGE)
