@@ -182,6 +182,46 @@ def case_every_token_to_one_expert(comm):
         close(parameter.grad, reference[lo:hi] if name.startswith("experts.") else reference, f"one expert: {name}")
 
 
+def case_exchange_meter_counts_every_all_to_all(comm):
+    """Dropless top-2: rank r sends its 2·T_r assignments and receives every rank's assignments to its experts
+    (counted here from the all-gathered expert ids); forward and backward move (sent + received) rows each,
+    so bytes_sent = bytes_received = 2·(sent + received)·d·8 for float64 rows of width d."""
+    size, rank, n_experts = comm.size, comm.rank, 2 * comm.size
+    layer = ExpertParallelMoE(d_model=D_MODEL, d_ff=3, n_experts=n_experts, top_k=2, dtype="float64",
+                              comm=comm, generator=5)
+    x = np.random.default_rng([42, rank]).standard_normal((TOKENS_PER_RANK, D_MODEL))
+    run_layer(layer, x, np.ones_like(x), 1.0, False)
+    every_id = comm.allgather_rows(np.ascontiguousarray(layer.last_decisions[0]))
+    received = sum(1 for expert in every_id.reshape(-1) if expert in layer.expert_range)
+    sent = TOKENS_PER_RANK * 2
+    stats = layer.exchange_stats
+    assert (stats.rows_sent, stats.rows_received) == (sent, received), (stats, sent, received)
+    assert stats.bytes_sent == stats.bytes_received == 2 * (sent + received) * D_MODEL * 8, (stats, sent, received)
+    assert comm.allreduce_sum(np.array([received]))[0] == size * sent and stats.seconds > 0
+
+
+def case_bad_input_and_non_finite_output_raise_as_moe(comm):
+    """Every rank gets the same bad input (or NaN in every expert): each raises what MoE raises, word for word."""
+    options = dict(d_model=D_MODEL, d_ff=3, n_experts=2 * comm.size, top_k=2, dtype="float64", name="blocks.1.ffn")
+    single, layer = tm.nn.MoE(**options, generator=6), ExpertParallelMoE(**options, comm=comm, generator=6)
+    x = np.random.default_rng([43, comm.rank]).standard_normal((TOKENS_PER_RANK, D_MODEL))
+    bad_inputs = [tm.tensor(x, dtype="float32"), tm.tensor(x[:, :-1]), tm.tensor(x[:0]), x]
+    for model in (single, layer):
+        model.experts.w2.data[:, 0, 0] = np.nan
+    for bad, expected in zip(bad_inputs + [tm.tensor(x)], [TypeError, ValueError, ValueError, TypeError,
+                                                            FloatingPointError]):
+        errors = []
+        for model in (single, layer):
+            try:
+                with np.errstate(invalid="ignore"):
+                    model(bad)
+            except Exception as error:  # noqa: BLE001 - the exception itself is compared
+                errors.append(error)
+        assert len(errors) == 2 and all(type(error) is expected for error in errors), (expected, errors)
+        assert str(errors[1]) == str(errors[0]) and str(errors[0]).startswith("MoE 'blocks.1.ffn': "), errors
+    assert "expert output is not finite" in str(errors[1])
+
+
 def case_divisibility_error(comm):
     try:
         ExpertParallelMoE(d_model=4, d_ff=4, n_experts=comm.size + 1, top_k=1, comm=comm, generator=0)
@@ -203,7 +243,6 @@ def case_global_and_sequence_balance_over_micro_batches_and_ranks(comm):
     from tinymoe.train.accumulation import accumulate_gradients
 
     size, rank, n_experts, n_micro, per_batch, length = comm.size, comm.rank, 2 * comm.size, 2, 2, 3
-    tokens = per_batch * length
     for index, (router, balance) in enumerate([("softmax", "global"), ("sigmoid", "global"),
                                                ("softmax", "sequence")]):
         options = dict(d_model=D_MODEL, d_ff=7, n_experts=n_experts, top_k=2, router=router, dtype="float64",
@@ -391,6 +430,7 @@ def case_checkpoint_round_trip_and_resume_under_other_sizes(comm):
 
 
 CASES = [case_layer_equals_single_process, case_noisy_training_mode_gradient, case_every_token_to_one_expert,
+         case_exchange_meter_counts_every_all_to_all, case_bad_input_and_non_finite_output_raise_as_moe,
          case_divisibility_error, case_global_and_sequence_balance_over_micro_batches_and_ranks,
          case_training_equals_single_process, case_grad_accum_training_equals_one_big_batch,
          case_checkpoint_round_trip_and_resume_under_other_sizes]

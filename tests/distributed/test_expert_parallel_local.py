@@ -142,15 +142,39 @@ def test_localize_checkpoint_refuses_expert_tensors_of_another_size():
 
 
 def test_the_layers_collective_ops_pass_gradcheck_on_one_rank():
-    from tinymoe.nn.expert_parallel import AllGatherRows, ExchangeStats, MeteredExchangeRows
+    from tinymoe.functional.all_to_all import ExchangeRows
+    from tinymoe.nn.expert_parallel import AllGatherRows, ExchangeStats
 
     comm, meter = LocalCommunicator(), ExchangeStats()
     rows = tm.tensor(np.random.default_rng(3).standard_normal((5, 3)), dtype="float64", requires_grad=True)
     weights = tm.tensor(np.random.default_rng(4).standard_normal((5, 3)), dtype="float64")
     counts = np.array([5])
-    assert tm.gradcheck(lambda r: (MeteredExchangeRows.apply(r, counts, counts, comm, meter) * weights).sum(), [rows])
+    assert tm.gradcheck(lambda r: (ExchangeRows.apply(r, counts, counts, comm, meter.record) * weights).sum(), [rows])
     assert tm.gradcheck(lambda r: (AllGatherRows.apply(r, comm) ** 2 * weights).sum(), [rows])
     assert meter.rows_sent == 0 and meter.bytes_sent > 0  # rows_* count the layer's dispatch, bytes every call
+
+
+def test_the_exchange_meter_sees_forward_and_backward_with_each_directions_counts():
+    """meter(rows, send_counts, recv_counts, seconds) once per all-to-all; the backward's counts are swapped."""
+    from tinymoe.functional.all_to_all import exchange_rows
+    from tinymoe.nn.expert_parallel import ExchangeStats
+
+    calls, stats = [], ExchangeStats()
+
+    def meter(rows, send_counts, recv_counts, seconds):
+        calls.append((rows.shape, send_counts.tolist(), recv_counts.tolist(), seconds))
+        stats.record(rows, send_counts, recv_counts, seconds)
+
+    rows = tm.tensor(np.random.default_rng(5).standard_normal((4, 3)), dtype="float32", requires_grad=True)
+    out = exchange_rows(rows, [4], [4], LocalCommunicator(), meter=meter)
+    np.testing.assert_array_equal(out.numpy(), rows.numpy())  # one rank: the identity, metered or not
+    out.backward(np.ones((4, 3), dtype="float32"))
+    assert [call[:3] for call in calls] == [((4, 3), [4], [4])] * 2
+    assert all(call[3] >= 0 for call in calls)
+    assert stats.bytes_sent == stats.bytes_received == 2 * 4 * 3 * 4  # two calls of 4 float32 rows of width 3
+    assert stats.seconds == sum(call[3] for call in calls)
+    with pytest.raises(TypeError, match="meter must be None or a callable"):
+        exchange_rows(rows, [4], [4], LocalCommunicator(), meter=stats)
 
 
 @pytest.mark.parametrize("options, message", [

@@ -42,25 +42,28 @@ over ranks; a local expert's gradient already sums the contributions of every ra
 through the exchange), so it is divided by P.
 Not supported (refused with a ValueError naming the option): n_null_experts (the aux loss here counts the E
 real experts only), capacity_per="sequence", and router="relu" over P > 1 ranks
-(its L1 coefficient would step on each rank's own sparsity, so the replicated routers would drift apart). `stats` holds this rank's routing; `exchange_stats` the rows
-and bytes this rank exchanged and the seconds spent in the all-to-alls (forward and backward).
+(its L1 coefficient would step on each rank's own sparsity, so the replicated routers would drift apart).
+Bad input x and a non-finite output raise as MoE.forward does, the same types and messages (FloatingPointError
+naming the layer; `tinymoe.set_finite_checks`), on the rank that sees them: run under `abort_on_error`.
+`stats` holds this rank's routing; `exchange_stats` the rows and bytes this rank exchanged and the seconds
+spent in the all-to-alls (forward and backward; `ExchangeStats.record` is the exchanges' meter).
 """
 from __future__ import annotations
-
-import time
 
 import numpy as np
 
 from ..distributed.communicator import Communicator
 from ..distributed.expert_parallel import plan_expert_exchange
 from ..engine.backend import to_numpy
-from ..engine.checks import require_tensor
+from ..engine.checks import check_finite
 from ..engine.function import Function
 from ..engine.random import standard_normal, uniform
 from ..engine.tensor import Tensor
 from ..functional import linear
 from ..functional.activations import sigmoid
+from ..functional.all_to_all import ExchangeRows
 from ..functional.dispatch import combine_rows_unchecked, gather_rows_unchecked, routing_plan_unchecked
+from .experts import NON_FINITE_ADVICE
 from .module import Module, Parameter
 from .moe import MoE
 from .moe_stats import MoEStats
@@ -85,35 +88,15 @@ class ExchangeStats:
         return {"rows_sent": self.rows_sent, "rows_received": self.rows_received, "bytes_sent": self.bytes_sent,
                 "bytes_received": self.bytes_received, "seconds": self.seconds}
 
+    def record(self, rows, send_counts, recv_counts, seconds) -> None:
+        """The meter of `ExchangeRows`: called after each all-to-all of rows, forward or backward."""
+        self.seconds += seconds
+        row_bytes = rows.dtype.itemsize * (rows.shape[1] if rows.ndim > 1 else 1)
+        self.bytes_sent += int(send_counts.sum()) * row_bytes
+        self.bytes_received += int(recv_counts.sum()) * row_bytes
+
     def __repr__(self):
         return f"ExchangeStats({self.as_dict()})"
-
-
-def _metered_alltoallv(comm, rows, send_counts, recv_counts, meter: ExchangeStats):
-    started = time.perf_counter()
-    out = comm.alltoallv_rows(rows, send_counts, recv_counts)
-    meter.seconds += time.perf_counter() - started
-    row_bytes = rows.dtype.itemsize * (rows.shape[1] if rows.ndim > 1 else 1)
-    meter.bytes_sent += int(send_counts.sum()) * row_bytes
-    meter.bytes_received += int(recv_counts.sum()) * row_bytes
-    return out
-
-
-class MeteredExchangeRows(Function):
-    """`tinymoe.functional.all_to_all.ExchangeRows` that also counts bytes and seconds into an ExchangeStats.
-
-    out = alltoallv(rows, send_counts, recv_counts); backward: alltoallv(g, recv_counts, send_counts)."""
-
-    fresh_gradients = True
-
-    @staticmethod
-    def forward(ctx, rows, send_counts, recv_counts, comm, meter):
-        ctx.send_counts, ctx.recv_counts, ctx.comm, ctx.meter = send_counts, recv_counts, comm, meter
-        return _metered_alltoallv(comm, rows, send_counts, recv_counts, meter)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _metered_alltoallv(ctx.comm, grad, ctx.recv_counts, ctx.send_counts, ctx.meter)
 
 
 class AllGatherRows(Function):
@@ -187,22 +170,17 @@ class ExpertParallelMoE(MoE):
         self.exchange_stats = ExchangeStats()
 
     def forward(self, x):
-        require_tensor(x, "x", self.name)
-        if x.ndim < 1 or x.shape[-1] != self.d_model:
-            raise ValueError(f"{self.name}: x must have last dimension d_model={self.d_model}, got shape {x.shape}")
-        if x.dtype != self.experts.w1.dtype or x.device != self.experts.w1.device:
-            raise TypeError(f"{self.name}: x is {x.dtype.name} on {x.device!r} but the layer is "
-                            f"{self.experts.w1.dtype.name} on {self.experts.w1.device!r}")
-        rows = x.reshape(-1, self.d_model)
-        if rows.shape[0] == 0:  # raised on this rank only: run it under abort_on_error, or the others wait
-            raise ValueError(f"{self.name}: x holds no tokens (shape {x.shape}) on rank {self.comm.rank}")
+        # Every check below raises on this rank only (the others then wait in the next collective): run the
+        # layer under tinymoe.distributed.abort_on_error, which ends every rank with this rank's traceback.
+        label = self.label
+        rows = self._checked_rows(x, label)
         comm, router, xp = self.comm, self.router, rows.xp
 
         noise_state = router.generator.bit_generator.state if router.kind == "noisy" else None
         rate, router.bias_update_rate = router.bias_update_rate, None  # the update must see the global load
         pending_load = router.pending_load  # deferred: the router adds its local load; the global one goes in
         try:
-            routing = router(rows, layer_name=self.name, sequence_length=x.shape[-2] if x.ndim >= 2 else None)
+            routing = router(rows, layer_name=label, sequence_length=x.shape[-2] if x.ndim >= 2 else None)
         finally:
             router.bias_update_rate, router.pending_load = rate, pending_load
         requested = to_numpy(routing.requested_per_expert).astype(np.int64)
@@ -228,18 +206,20 @@ class ExpertParallelMoE(MoE):
         meter = self.exchange_stats
         meter.rows_sent += int(exchange.send_counts.sum())
         meter.rows_received += exchange.n_received
-        received = MeteredExchangeRows.apply(dispatched, exchange.send_counts, exchange.recv_counts, comm, meter)
+        received = ExchangeRows.apply(dispatched, exchange.send_counts, exchange.recv_counts, comm, meter.record)
         order, inverse = xp.asarray(exchange.order), xp.asarray(exchange.inverse)
         expert_major = gather_rows_unchecked(received, order, token_rows=inverse[:, None])
         expert_out = self.experts(expert_major, exchange.expert_offsets)
         source_major = gather_rows_unchecked(expert_out, inverse, token_rows=order[:, None])
-        returned = MeteredExchangeRows.apply(source_major, exchange.recv_counts, exchange.send_counts, comm, meter)
+        returned = ExchangeRows.apply(source_major, exchange.recv_counts, exchange.send_counts, comm, meter.record)
         out = combine_rows_unchecked(returned, plan.assignment_row, routing.weights, row_assignment=plan.row_assignment)
         if self.n_shared_experts:
             shared = self.shared(rows)
             if hasattr(self, "shared_gate"):
                 shared = shared * sigmoid(linear(rows, self.shared_gate))  # (T, d) · (T, 1), as MoE
             out = out + shared
+        # As MoE.forward: the logits were finite (the router checked them), so NaN or inf came from the experts.
+        check_finite(out.data, lambda: f"{label}: expert output is not finite (NaN or inf); {NON_FINITE_ADVICE}")
 
         importance = load = None
         if router.kind == "noisy":

@@ -99,8 +99,9 @@ class MoE(Module):
     l1_loss = property(lambda self: self._loss(5, "l1_loss"),
                        doc="λ-weighted L1 gate penalty of the last forward (router='relu'; None otherwise).")
 
-    def forward(self, x):
-        label = self.label
+    def _checked_rows(self, x, label: str):
+        """x's (T, d_model) rows, after checking x against the layer (type, width, dtype, device, tokens);
+        expert_parallel.ExpertParallelMoE checks its input with the same method."""
         require_tensor(x, "x", label)
         if x.ndim < 1 or x.shape[-1] != self.d_model:
             raise ValueError(f"{label}: x must have last dimension d_model={self.d_model}, got shape {x.shape}")
@@ -112,7 +113,11 @@ class MoE(Module):
         rows = x.reshape(-1, self.d_model)
         if rows.shape[0] == 0:
             raise ValueError(f"{label}: x holds no tokens (shape {x.shape})")
+        return rows
 
+    def forward(self, x):
+        label = self.label
+        rows = self._checked_rows(x, label)
         routing = self.router(rows, layer_name=label, sequence_length=x.shape[-2] if x.ndim >= 2 else None)
         dropped = None
         if self.capacity_per == "sequence":
