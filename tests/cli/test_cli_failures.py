@@ -118,16 +118,3 @@ def test_tinymoe_debug_shows_the_traceback_of_a_user_error(tmp_path, monkeypatch
     monkeypatch.setenv("TINYMOE_DEBUG", "1")
     with pytest.raises(Exception, match="missing.txt"):
         main(["train", "--data", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "run")])
-
-
-def test_the_command_prefers_passive_openmp_unless_the_user_chose(monkeypatch, capsys):
-    from tinymoe.cli import environment
-
-    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
-    monkeypatch.setattr(environment, "_SET_BY_TINYMOE", False)
-    assert main(["info"]) == 0
-    assert "OMP_WAIT_POLICY  PASSIVE (set by the tinymoe command" in capsys.readouterr().out
-    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
-    monkeypatch.setattr(environment, "_SET_BY_TINYMOE", False)
-    assert main(["info"]) == 0
-    assert "OMP_WAIT_POLICY  ACTIVE (from the environment)" in capsys.readouterr().out

@@ -70,3 +70,73 @@ def test_fine_tuning_user_errors_are_one_line(tokenizer_json, text_file, tmp_pat
     result = tinymoe(*args, cwd=tmp_path)
     assert_one_line_error(result, fragment)
     assert result.returncode == code
+
+
+# ----- an --out that holds a model or a run is never replaced without --overwrite (as `tinymoe train`) ----------
+TAKEN = ["model.safetensors", "model.safetensors.index.json", "checkpoint.npz", "metrics.jsonl", "summary.json"]
+TOKENS = np.tile([1, 2, 4, 5, 6, 12, 1, 3, 10, 12], 30)
+TINY_CONFIG = dict(steps=2, batch_size=2, seq_len=8, lr=0.01, warmup_steps=0, eval_every=1, eval_batches=1)
+
+
+def stale_run(out, names):
+    """An --out left by an earlier command: each named file holds a marker (metrics.jsonl a row of step 999)."""
+    out.mkdir(exist_ok=True)
+    for name in names:
+        (out / name).write_text('{"step": 999}\n' if name == "metrics.jsonl" else "stale", encoding="utf-8")
+
+
+@pytest.mark.parametrize("name", TAKEN)
+def test_finetune_refuses_an_out_dir_holding_a_run(pretrained, tmp_path, name):
+    directory, _, _ = pretrained
+    out = tmp_path / "out"
+    stale_run(out, [name])
+    with pytest.raises(FileExistsError, match=f"{out} already holds {name}.*overwrite=True"):
+        finetune(from_pretrained(directory), TOKENS, TrainConfig(**TINY_CONFIG), out)
+    assert sorted(path.name for path in out.iterdir()) == [name]  # nothing written, nothing removed
+    assert (out / name).read_text(encoding="utf-8") in ("stale", '{"step": 999}\n')
+
+
+def test_finetune_overwrite_replaces_the_earlier_run(pretrained, tmp_path):
+    directory, _, _ = pretrained
+    out = tmp_path / "out"
+    stale_run(out, TAKEN)
+    model = from_pretrained(directory)
+    summary = finetune(model, TOKENS, TrainConfig(**TINY_CONFIG), out, overwrite=True)
+    assert [row["step"] for row in read_metrics(out)] == [1, 2]  # a fresh log: the stale row is gone
+    assert json.loads((out / "summary.json").read_text()) == summary
+    assert not (out / "model.safetensors.index.json").exists()  # it would shadow the new model.safetensors
+    assert not (out / "checkpoint.npz").exists()
+    ids = np.array([[1, 2, 4, 5, 6, 12]])
+    np.testing.assert_array_equal(from_pretrained(out)(ids).numpy(), model.eval()(ids).numpy())
+
+
+def test_finetune_overwrite_must_be_a_bool(pretrained, tmp_path):
+    directory, _, _ = pretrained
+    with pytest.raises(TypeError, match="finetune: overwrite='yes' must be a bool"):
+        finetune(from_pretrained(directory), TOKENS, TrainConfig(**TINY_CONFIG), tmp_path / "out", overwrite="yes")
+
+
+@pytest.mark.parametrize("names", [["metrics.jsonl"], ["summary.json"], ["model.safetensors", "metrics.jsonl"]])
+def test_cli_refuses_an_out_holding_a_run(pretrained, text_file, tmp_path, names):
+    directory, _, _ = pretrained
+    out = tmp_path / "out"
+    stale_run(out, names)
+    result = tinymoe("train", "--from-pretrained", directory, "--data", text_file, "--out", out, *SMALL, cwd=tmp_path)
+    assert_one_line_error(result, f"--out {out} already holds a model or training run ({names[0]})",
+                          "replace it with --overwrite")
+    assert result.returncode == 2
+    assert sorted(path.name for path in out.iterdir()) == sorted(names)
+    assert (out / names[0]).read_text(encoding="utf-8") in ("stale", '{"step": 999}\n')
+
+
+def test_cli_overwrite_replaces_an_interrupted_run(tokenizer_json, text_file, tmp_path):
+    directory, _, _ = tokenizer_json
+    out = tmp_path / "out"
+    stale_run(out, ["metrics.jsonl", "summary.json"])
+    small = dict(zip(SMALL[::2], SMALL[1::2]), **{"--steps": "2", "--eval-every": "1"})
+    options = [item for pair in small.items() for item in pair]
+    result = tinymoe("train", "--from-pretrained", directory, "--data", text_file, "--out", out, *options,
+                     "--overwrite", cwd=tmp_path)
+    assert_ok(result)
+    assert [row["step"] for row in read_metrics(out)] == [1, 2]
+    assert json.loads((out / "summary.json").read_text())["steps"] == 2

@@ -10,7 +10,8 @@ import pytest
 
 import tinymoe as tm
 from tinymoe.nn import Module, MoE
-from tinymoe.train.accumulation import accumulate_gradients, routers_of, split_batch
+from tinymoe.train.accumulation import (accumulate_gradients, mean_over_micro_batches, merge_layer_counts,
+                                        merge_loss_parts, routers_of, split_micro_batches)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "nn"))
 from moe_helpers import randomize  # noqa: E402
@@ -70,7 +71,7 @@ def test_accumulation_equals_one_big_batch(options):
         x = np.random.default_rng(3).standard_normal((6, 4, D_MODEL))
         big_loss, big_aux = step_loss(big, (x,))
         big_loss.backward()
-        results = accumulate_gradients(accumulated, lambda batch: step_loss(accumulated, batch), split_batch((x,), 3))
+        results = accumulate_gradients(accumulated, lambda batch: step_loss(accumulated, batch), split_micro_batches((x,), 3))
     expected = gradients(big)
     for name, grad in gradients(accumulated).items():
         scale = max(1.0, float(np.abs(expected[name]).max()))  # relu gates are unbounded: large gradients
@@ -89,7 +90,7 @@ def test_bias_moves_once_per_step_from_the_summed_load():
     """Sigmoid router, rate u: after the step bias = u · sign(mean load − load), load summed over the micro-batches."""
     model = TwoLayers(router="sigmoid", bias_update_rate=0.25)
     before = model.first.router.bias.copy()
-    micro = split_batch((np.random.default_rng(5).standard_normal((4, 3, D_MODEL)),), 2)
+    micro = split_micro_batches((np.random.default_rng(5).standard_normal((4, 3, D_MODEL)),), 2)
     loads = []
 
     def loss_fn(batch):
@@ -121,16 +122,47 @@ def test_all_reduce_receives_the_step_counts():
 
     x = np.random.default_rng(7).standard_normal((4, 3, D_MODEL))
     kept = []
-    accumulate_gradients(model, lambda batch: step_loss(model, batch)[0], split_batch((x,), 2), all_reduce=all_reduce,
+    accumulate_gradients(model, lambda batch: step_loss(model, batch)[0], split_micro_batches((x,), 2), all_reduce=all_reduce,
                          after_each=lambda index, result: kept.append(model.first.stats.kept_per_expert.sum()))
     assert len(seen) == 2 and all(counts.sum() == 4 * 3 * 2 for counts in seen)  # T·k assignments per layer
     assert kept == [2 * 3 * 2, 2 * 3 * 2]  # once per micro-batch of the real pass, not of the counting pass
 
 
-def test_split_batch_refuses_uneven_batches():
+def test_split_micro_batches_refuses_uneven_batches():
     with pytest.raises(ValueError, match="batch size 5 is not a multiple of n_micro_batches=2"):
-        split_batch((np.zeros((5, 2)),), 2)
-    with pytest.raises(ValueError, match="n_micro_batches=0"):
-        split_batch((np.zeros((4, 2)),), 0)
+        split_micro_batches((np.zeros((5, 2)),), 2)
+    with pytest.raises(ValueError, match="n_micro_batches=0 must be >= 1"):
+        split_micro_batches((np.zeros((4, 2)),), 0)
+    with pytest.raises(TypeError, match="n_micro_batches=2.0 must be an int"):
+        split_micro_batches((np.zeros((4, 2)),), 2.0)
+    with pytest.raises(ValueError, match=r"different leading sizes \[3, 4\]"):
+        split_micro_batches((np.zeros((4, 2)), np.zeros((3, 2))), 1)
     with pytest.raises(ValueError, match="micro_batches is empty"):
         accumulate_gradients(TwoLayers(), lambda batch: None, [])
+
+
+def test_split_micro_batches_takes_consecutive_equal_rows():
+    inputs, targets = np.arange(12).reshape(6, 2), np.arange(6)
+    micro = split_micro_batches((inputs, targets), 3)
+    for j, (x, y) in enumerate(micro):  # the oracle: rows [2j, 2j + 2)
+        np.testing.assert_array_equal(x, [[4 * j, 4 * j + 1], [4 * j + 2, 4 * j + 3]])
+        np.testing.assert_array_equal(y, [2 * j, 2 * j + 1])
+
+
+def test_merging_micro_batch_results_follows_plain_loops():
+    rng = np.random.default_rng(0)
+    parts = [{"total": float(rng.random()), "aux": float(rng.random())} for _ in range(3)]
+    merged = merge_loss_parts(parts)
+    assert list(merged) == ["total", "aux"] and all(type(value) is float for value in merged.values())
+    for key in ("total", "aux"):
+        assert merged[key] == pytest.approx((parts[0][key] + parts[1][key] + parts[2][key]) / 3, rel=1e-15)
+    assert mean_over_micro_batches(iter([1.0, 2.0, 6.0])) == 3.0
+    counts = [[(np.array([1, 2]), 0.25, np.array([0, 3, 1])), (np.array([5, 0, 1]), 0.0, np.array([2, 2]))],
+              [(np.array([3, 4]), 0.75, np.array([1, 0, 0])), (np.array([0, 0, 6]), 0.5, np.array([0, 4]))]]
+    merged = merge_layer_counts(counts)
+    assert len(merged) == 2
+    np.testing.assert_array_equal(merged[0][0], [4, 6])
+    np.testing.assert_array_equal(merged[0][2], [1, 3, 1])
+    np.testing.assert_array_equal(merged[1][0], [5, 0, 7])
+    np.testing.assert_array_equal(merged[1][2], [2, 6])
+    assert (merged[0][1], merged[1][1]) == (0.5, 0.25)

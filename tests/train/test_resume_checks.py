@@ -71,10 +71,14 @@ def test_checkpoints_are_written_at_evaluations_and_as_configured(data, tmp_path
     assert steps == saved_at
 
 
-@pytest.mark.parametrize("bad", [dict(checkpoint_every=-1), dict(checkpoint_seconds=-1.0),
-                                 dict(checkpoint_seconds=float("inf")), dict(lr=float("nan")), dict(seed=-1)])
-def test_train_config_rejects_bad_checkpoint_and_number_settings(bad):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize("bad, error, message", [
+    (dict(checkpoint_every=-1), ValueError, "checkpoint_every=-1 must be >= 0"),
+    (dict(checkpoint_seconds=-1.0), ValueError, r"checkpoint_seconds=-1.0 must be >= 0"),
+    (dict(checkpoint_seconds=float("inf")), TypeError, "checkpoint_seconds=inf must be a finite real number"),
+    (dict(lr=float("nan")), TypeError, "lr=nan must be a finite real number"),
+    (dict(seed=-1), ValueError, "seed=-1 must be >= 0")])
+def test_train_config_rejects_bad_checkpoint_and_number_settings(bad, error, message):
+    with pytest.raises(error, match=message):
         loop.TrainConfig(**bad)
 
 

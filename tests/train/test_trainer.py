@@ -239,15 +239,27 @@ def test_trainer_rejects_inconsistent_configs(data, tmp_path):
         make_trainer(data, tmp_path, model_overrides=dict(max_seq_len=SEQ_LEN - 1))
 
 
-@pytest.mark.parametrize("overrides, name", [(dict(steps=0), "steps"), (dict(batch_size=0), "batch_size"),
-                                             (dict(eval_every=0), "eval_every"), (dict(lr=0.0), "lr"),
-                                             (dict(min_lr=1.0, lr=0.1), "min_lr"), (dict(steps=2.5), "steps"),
-                                             (dict(warmup_steps=-1), "warmup_steps=-1"),
-                                             (dict(weight_decay=-0.1), "weight_decay=-0.1"),
-                                             (dict(grad_clip=0.0), "grad_clip=0.0")])
-def test_train_config_rejects_bad_values(overrides, name):
-    with pytest.raises(ValueError, match=name):
+@pytest.mark.parametrize("overrides, error, message", [
+    (dict(steps=0), ValueError, "steps=0 must be >= 1"), (dict(batch_size=0), ValueError, "batch_size=0 must be >= 1"),
+    (dict(eval_every=0), ValueError, "eval_every=0 must be >= 1"), (dict(lr=0.0), ValueError, "lr=0.0 must be > 0"),
+    (dict(min_lr=1.0, lr=0.1), ValueError, r"min_lr=1.0 must be in \[0.0, 0.1\]"),
+    (dict(steps=2.5), TypeError, "steps=2.5 must be an int"), (dict(seed=None), TypeError, "seed=None must be an int"),
+    (dict(lr=float("nan")), TypeError, "lr=nan must be a finite real number"),
+    (dict(grad_accum=True), TypeError, "grad_accum=True must be an int"),
+    (dict(warmup_steps=-1), ValueError, "warmup_steps=-1 must be >= 0"),
+    (dict(checkpoint_every=-1), ValueError, "checkpoint_every=-1 must be >= 0"),
+    (dict(weight_decay=-0.1), ValueError, "weight_decay=-0.1 must be >= 0"),
+    (dict(checkpoint_seconds=float("inf")), TypeError, "checkpoint_seconds=inf must be a finite"),
+    (dict(grad_clip=0.0), ValueError, "grad_clip=0.0 must be > 0")])
+def test_train_config_rejects_bad_values(overrides, error, message):
+    with pytest.raises(error, match="TrainConfig: " + message):
         TrainConfig(**overrides)
+
+
+def test_train_config_keeps_python_numbers():
+    config = TrainConfig(steps=np.int64(3), lr=np.float32(0.5), min_lr=0, checkpoint_every=None)
+    assert (type(config.steps), config.steps, type(config.lr), config.lr) == (int, 3, float, 0.5)
+    assert (type(config.min_lr), config.checkpoint_every) == (float, None)
 
 
 def test_non_finite_loss_stops_training_with_a_clear_error(data, tmp_path, monkeypatch):

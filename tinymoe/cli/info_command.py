@@ -4,7 +4,6 @@ from __future__ import annotations
 import importlib
 import platform
 
-from .environment import omp_wait_policy
 
 
 def add_parser(commands) -> None:
@@ -42,7 +41,6 @@ def run_info(args) -> int:
             rows.append((f"kernels ({device})", f"available {', '.join(available)}; chosen {chosen}"))
     rows.append(("kernel choice", f"problem: {problem}" if problem else
                  f"{kernels.current()} (TINYMOE_KERNELS or tinymoe.kernels.use)"))
-    rows.append(("OMP_WAIT_POLICY", omp_wait_policy()))
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}")

@@ -12,7 +12,6 @@ import argparse
 import os
 import sys
 
-from .environment import prefer_passive_openmp
 
 INTERNAL_ERROR = 70  # EX_SOFTWARE of sysexits.h
 
@@ -31,8 +30,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    # The application (not the library) picks OpenMP's passive waiting, before anything can load numba.
-    prefer_passive_openmp()
     from ..engine.backend import BackendUnavailableError
     from ..train.checkpoint import CheckpointError
     from ..train.data import DataError

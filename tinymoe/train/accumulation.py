@@ -1,8 +1,9 @@
 """Gradient accumulation: one optimizer step over N micro-batches that equals one step over their union.
 
     optimizer.zero_grad()
-    accumulate_gradients(model, loss_fn, split_batch((inputs, targets), N))   # Σ_j ∇(loss_j / N)
+    results = accumulate_gradients(model, loss_fn, split_micro_batches((inputs, targets), N))   # Σ_j ∇(loss_j / N)
     clip_grad_norm(...); optimizer.step()
+    parts = merge_loss_parts([result[1] for result in results])   # the step's values: means over micro-batches
 
 With micro-batches of equal size and a loss that is a mean over tokens, Σ_j ∇(loss_j / N) is the gradient of
 the mean loss over the whole batch. Three router parts of the step are not gradients, and the helper makes them
@@ -28,10 +29,14 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
+
 from ..engine.autograd import no_grad
+from ..engine.checks import require_int
 from ..nn.router import Router
 
-__all__ = ["accumulate_gradients", "routers_of", "split_batch"]
+__all__ = ["accumulate_gradients", "mean_over_micro_batches", "merge_layer_counts", "merge_loss_parts",
+           "routers_of", "split_micro_batches"]
 
 
 def routers_of(model) -> list:
@@ -39,21 +44,42 @@ def routers_of(model) -> list:
     return [module for _, module in model.named_modules() if isinstance(module, Router)]
 
 
-def split_batch(arrays, n_micro_batches: int) -> list:
+def split_micro_batches(arrays, n_micro_batches: int) -> list:
     """Split every array of `arrays` (a tuple of arrays with the same leading size B) into n equal
     micro-batches along axis 0: a list of n tuples. B must be a multiple of n (equal sizes keep the
-    accumulated gradient equal to the big batch's)."""
-    if isinstance(n_micro_batches, bool) or not isinstance(n_micro_batches, int) or n_micro_batches < 1:
-        raise ValueError(f"split_batch: n_micro_batches={n_micro_batches!r} must be a positive int")
+    accumulated gradient equal to the big batch's). (The rows of one rank under data parallelism:
+    tinymoe.train.distributed.split_batch.)"""
+    require_int(n_micro_batches, "n_micro_batches", "split_micro_batches", low=1)
     sizes = {len(array) for array in arrays}
     if len(sizes) != 1:
-        raise ValueError(f"split_batch: the arrays have different leading sizes {sorted(sizes)}")
+        raise ValueError(f"split_micro_batches: the arrays have different leading sizes {sorted(sizes)}")
     (size,) = sizes
     if size % n_micro_batches:
-        raise ValueError(f"split_batch: batch size {size} is not a multiple of n_micro_batches={n_micro_batches} "
-                         "(micro-batches must be equal for the step to equal one big batch)")
+        raise ValueError(f"split_micro_batches: batch size {size} is not a multiple of "
+                         f"n_micro_batches={n_micro_batches} (micro-batches must be equal for the step to equal "
+                         "one big batch)")
     step = size // n_micro_batches
     return [tuple(array[i * step:(i + 1) * step] for array in arrays) for i in range(n_micro_batches)]
+
+
+# ----- a step's values from its micro-batches' (equal sizes: the mean of their means is the batch's mean) -----
+def mean_over_micro_batches(values) -> float:
+    """The mean of per-micro-batch floats (a loss, an aux loss) as a Python float: np.mean, pairwise summed."""
+    return float(np.mean(list(values)))
+
+
+def merge_loss_parts(parts: list) -> dict:
+    """{name: mean over micro-batches} of a list of loss-part dicts (model.loss's `parts`, one per micro-batch,
+    with the same keys as the first)."""
+    return {key: mean_over_micro_batches(part[key] for part in parts) for key in parts[0]}
+
+
+def merge_layer_counts(counts: list) -> list:
+    """Per MoE layer, the step's (kept rows per expert (E,), dropped fraction, experts-per-token histogram
+    (K+1,)) from a list, one per micro-batch, of per-layer triples (micro_batches.moe_counts): kept and the
+    histogram summed, the dropped fraction averaged."""
+    return [(sum(micro[layer][0] for micro in counts), mean_over_micro_batches(micro[layer][1] for micro in counts),
+             sum(micro[layer][2] for micro in counts)) for layer in range(len(counts[0]))]
 
 
 def accumulate_gradients(model, loss_fn, micro_batches, *, all_reduce=None, after_each=None) -> list:

@@ -33,9 +33,11 @@ import math
 import numpy as np
 
 from ..distributed import Communicator
+from ..engine.autograd import no_grad
 from ..engine.backend import array_module
 from ..nn.expert_parallel import ExpertParallelMoE, expert_parallel
-from . import accumulation
+from .accumulation import (accumulate_gradients, mean_over_micro_batches, merge_layer_counts, merge_loss_parts,
+                           split_micro_batches)
 from .checkpoint import Checkpoint
 from .micro_batches import moe_counts
 
@@ -137,14 +139,12 @@ def distributed_train_step(model, optimizer, inputs, targets, comm: Communicator
 
     micro_counts = []
     optimizer.zero_grad()
-    results = accumulation.accumulate_gradients(
-        model, micro_loss, accumulation.split_batch((inputs, targets), grad_accum), all_reduce=comm.allreduce_sum,
-        after_each=lambda index, result: micro_counts.append(moe_counts(model)))
-    parts = {key: float(np.mean([result[1][key] for result in results])) for key in results[0][1]}
+    results = accumulate_gradients(model, micro_loss, split_micro_batches((inputs, targets), grad_accum),
+                                   all_reduce=comm.allreduce_sum,
+                                   after_each=lambda index, result: micro_counts.append(moe_counts(model)))
+    parts = merge_loss_parts([result[1] for result in results])
     if layer_counts is not None:
-        layer_counts[:] = [(sum(step[i][0] for step in micro_counts),
-                            float(np.mean([step[i][1] for step in micro_counts])),
-                            sum(step[i][2] for step in micro_counts)) for i in range(len(micro_counts[0]))]
+        layer_counts[:] = merge_layer_counts(micro_counts)
     parameters = optimizer.parameters()
     reduce_gradients(parameters, comm, sharded)
     parts["grad_norm"] = clip_grad_norm_distributed(parameters, grad_clip, comm, sharded)
@@ -162,15 +162,13 @@ def distributed_evaluate(model, batches, comm: Communicator, grad_accum: int = 1
     """Mean cross-entropy over `batches` (each a global (inputs, targets), in grad_accum equal micro-batches,
     each split over ranks: the token groups of training); the same value on every rank. Every rank runs every
     forward (the MoE layers exchange rows)."""
-    from ..engine.autograd import no_grad
-
     was_training = model.training
     model.eval()
     with no_grad():
-        losses = [model.loss(*split_batch(*micro, comm))[1]["cross_entropy"] for batch in batches
-                  for micro in accumulation.split_batch(batch, grad_accum)]
+        mean = mean_over_micro_batches(model.loss(*split_batch(*micro, comm))[1]["cross_entropy"]
+                                       for batch in batches for micro in split_micro_batches(batch, grad_accum))
     model.train(was_training)
-    return float(comm.allreduce_mean(np.array([np.mean(losses)]))[0])
+    return float(comm.allreduce_mean(np.array([mean]))[0])
 
 
 def step_statistics(model, comm: Communicator, layer_counts: list | None = None) -> dict:

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
-
 from ..optim import clip_grad_norm
-from .accumulation import accumulate_gradients, split_batch
+from .accumulation import (accumulate_gradients, mean_over_micro_batches, merge_layer_counts, merge_loss_parts,
+                           split_micro_batches)
 
 
 def accumulated_step(model, optimizer, inputs, targets, n_micro_batches: int, grad_clip: float, diverged):
@@ -24,14 +23,10 @@ def accumulated_step(model, optimizer, inputs, targets, n_micro_batches: int, gr
         return total, parts, moe_counts(model)
 
     optimizer.zero_grad()
-    results = accumulate_gradients(model, micro_loss, split_batch((inputs, targets), n_micro_batches))
+    results = accumulate_gradients(model, micro_loss, split_micro_batches((inputs, targets), n_micro_batches))
     clip_grad_norm(optimizer.parameters(), grad_clip)
     optimizer.step()
-    parts = {key: float(np.mean([result[1][key] for result in results])) for key in results[0][1]}
-    layers = [(sum(result[2][index][0] for result in results),
-               float(np.mean([result[2][index][1] for result in results])),
-               sum(result[2][index][2] for result in results)) for index in range(len(results[0][2]))]
-    return parts, layers
+    return merge_loss_parts([result[1] for result in results]), merge_layer_counts([result[2] for result in results])
 
 
 def moe_counts(model) -> list:
@@ -44,5 +39,5 @@ def moe_counts(model) -> list:
 def micro_batched_loss(model, inputs, targets, n_micro_batches: int) -> float:
     """The cross-entropy of (inputs, targets) as the mean over n equal micro-batches (call under no_grad); for
     n = 1 exactly model.loss's."""
-    return float(np.mean([model.loss(*micro)[1]["cross_entropy"]
-                          for micro in split_batch((inputs, targets), n_micro_batches)]))
+    return mean_over_micro_batches(model.loss(*micro)[1]["cross_entropy"]
+                                   for micro in split_micro_batches((inputs, targets), n_micro_batches))

@@ -1,10 +1,10 @@
 """The settings of a training run (`TrainConfig`, validated) and which of them may change when a run resumes."""
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 
 from ..engine.backend import normalize_device
+from ..engine.checks import require_int, require_number
 
 # TrainConfig fields that may differ from the checkpoint's on resume: they change when and what is reported or
 # where it runs, not the trajectory. Every other field must match (Trainer.resume lists the differences).
@@ -30,23 +30,20 @@ class TrainConfig:
     grad_accum: int = 1                  # micro-batches of batch_size per optimizer step (accumulation.py)
 
     def __post_init__(self):
+        op = "TrainConfig"
         for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches", "grad_accum"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r} must be a positive integer")
-        for name, value in (("seed", self.seed), ("checkpoint_every", self.checkpoint_every)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-                raise ValueError(f"{name}={value!r} must be an integer >= 0")
-        finite = all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-                     for v in (self.lr, self.min_lr, self.weight_decay, self.grad_clip, self.checkpoint_seconds))
-        if not (finite and self.lr > 0 and 0 <= self.min_lr <= self.lr):
-            raise ValueError(f"need lr > 0 and 0 <= min_lr <= lr (got lr={self.lr}, min_lr={self.min_lr})")
-        for name, value, ok in (("warmup_steps", self.warmup_steps, self.warmup_steps >= 0),
-                                ("weight_decay", self.weight_decay, self.weight_decay >= 0),
-                                ("checkpoint_seconds", self.checkpoint_seconds, self.checkpoint_seconds >= 0),
-                                ("grad_clip", self.grad_clip, self.grad_clip > 0)):
-            if not ok:
-                raise ValueError(f"{name}={value!r} must be {'> 0' if name == 'grad_clip' else '>= 0'}")
+            setattr(self, name, require_int(getattr(self, name), name, op, low=1))
+        self.seed = require_int(self.seed, "seed", op, low=0)
+        self.warmup_steps = require_int(self.warmup_steps, "warmup_steps", op, low=0)
+        if self.checkpoint_every is not None:
+            self.checkpoint_every = require_int(self.checkpoint_every, "checkpoint_every", op, low=0)
+        for name in ("lr", "grad_clip"):  # strictly positive: the checks' bounds are inclusive
+            setattr(self, name, require_number(getattr(self, name), name, op, low=0.0))
+            if getattr(self, name) == 0:
+                raise ValueError(f"{op}: {name}={getattr(self, name)!r} must be > 0")
+        self.min_lr = require_number(self.min_lr, "min_lr", op, low=0.0, high=self.lr)  # the cosine's floor
+        self.weight_decay = require_number(self.weight_decay, "weight_decay", op, low=0.0)
+        self.checkpoint_seconds = require_number(self.checkpoint_seconds, "checkpoint_seconds", op, low=0.0)
         self.device = normalize_device(self.device)
 
 
