@@ -28,7 +28,7 @@ NEW, SMALL = experts_module.SwiGLUExperts, linear_module.SMALL_INNER_DIMENSION
 RUN_BLOCKS = experts_module.run_blocks
 
 
-def run_blocks_numba_serial(work, blocks, like):
+def run_blocks_numba_serial(work, blocks, like, work_per_row=None):
     """run_blocks whose workers run the Numba kernels on one thread (numba.set_num_threads is per thread)."""
     import numba
 

@@ -191,7 +191,14 @@ def _serial(monkeypatch):
     monkeypatch.setitem(experts_module._pool, "controller", False)
 
 
-def test_threaded_schedule_matches_float64_loops_and_restores_the_blas_threads():
+@pytest.fixture
+def over_the_pool(monkeypatch):
+    """These problems are small: let them go over the pool anyway (run_blocks' MIN_PARALLEL_WORK)."""
+    import tinymoe.functional.experts as experts_module
+    monkeypatch.setattr(experts_module, "MIN_PARALLEL_WORK", 0)
+
+
+def test_threaded_schedule_matches_float64_loops_and_restores_the_blas_threads(over_the_pool):
     before = _blas_threads()
     arrays, offsets = _float32_problem()
     out = _step(arrays, offsets)[0]
@@ -203,7 +210,7 @@ def test_threaded_schedule_matches_float64_loops_and_restores_the_blas_threads()
         assert experts_module._pool["executor"] is not None  # the blocks did go over the pool
 
 
-def test_results_are_deterministic_and_the_same_in_order_or_over_threads(monkeypatch):
+def test_results_are_deterministic_and_the_same_in_order_or_over_threads(monkeypatch, over_the_pool):
     arrays, offsets = _float32_problem(1)
     threaded = [_step(arrays, offsets) for _ in range(3)]
     for run in threaded[1:]:
@@ -260,3 +267,13 @@ def test_a_kernel_without_out_gives_the_same_gradients():
             np.testing.assert_array_equal(got, want)
     finally:
         kernels.unregister("no-out")
+
+
+def test_little_work_runs_in_order_without_the_pool(monkeypatch):
+    import tinymoe.functional.experts as experts_module
+    monkeypatch.setitem(experts_module._pool, "executor", None)
+    arrays, offsets = _float32_problem()
+    out = _step(arrays, offsets)[0]  # 321 rows · 48 · 40: far below MIN_PARALLEL_WORK
+    assert experts_module._pool["executor"] is None
+    np.testing.assert_allclose(out, swiglu_by_loops(*(a.astype(np.float64) for a in arrays), offsets),
+                               rtol=2e-4, atol=2e-4)

@@ -18,9 +18,9 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 _THREAD_PREFIX = "tinymoe-cpu"
-# Below this many output elements a kernel runs on the calling thread: a round trip through the pool costs
-# ~20-50 µs, more than such a kernel takes.
-MIN_PARALLEL_ELEMENTS = 1 << 16
+# Below this many output elements a kernel runs on the calling thread: waking a pool thread costs ~80-100 µs
+# on a 2-core VM, more than such a kernel takes (gather_rows and swiglu break even near 5·10⁵ elements).
+MIN_PARALLEL_ELEMENTS = 1 << 19
 
 _lock = threading.Lock()
 _state = {"executor": None, "workers": 0}
@@ -72,8 +72,12 @@ def for_rows(n_rows: int, call, elements: int) -> None:
     if len(ranges) == 1:
         call(*ranges[0])
         return
-    for future in [executor(len(ranges)).submit(call, *bounds) for bounds in ranges]:
-        future.result()
+    futures = [executor(len(ranges) - 1).submit(call, *bounds) for bounds in ranges[1:]]
+    try:
+        call(*ranges[0])  # the calling thread takes the first range instead of waiting for a worker to
+    finally:
+        for future in futures:
+            future.result()
 
 
 # ----- one-thread BLAS for a region ---------------------------------------------------------------------------
