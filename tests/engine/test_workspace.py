@@ -11,6 +11,7 @@ BIG = (1024, 512)  # 2 MiB of float32: over MIN_BYTES
 
 @pytest.fixture(autouse=True)
 def fresh_workspace():
+    gc.collect()  # arrays of earlier tests caught in reference cycles return their blocks now, not mid-test
     workspace.release()
     workspace.set_limit(workspace.DEFAULT_LIMIT)
     yield
