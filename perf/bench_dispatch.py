@@ -11,11 +11,11 @@ bytes / time. At the default size every call moves >= 1 GiB, more than twice the
 
 The limit: a copy of the expert-sorted buffer (the largest operand; T·K·d elements read + written, >= 1 GiB
 per call) into a buffer allocated once and reused, as the primitives' outputs are (their large outputs come
-from tinymoe.engine.workspace, whose blocks are reused once freed: no page faults after the first call); a
-copy into a fresh np.empty each call (page faults included) is printed beside it for reference. Note that
-the workspace keeps at most its limit (1 GiB) of freed blocks: an output that does not fit is fresh memory. The copy is timed in the same process,
-in every round, interleaved with the primitives; "of copy" is taken round by round (primitive GB/s / copy
-GB/s of the same round), then the median and min–max. Before every timed call a read of a buffer twice the
+from tinymoe.engine.workspace, whose blocks are reused once freed: no page faults after the first call; it
+keeps freed blocks up to a quarter of the machine's memory); a copy into a fresh np.empty each call (page
+faults included) is printed beside it for reference. The copy is timed in the same process, in every round,
+interleaved with the primitives; "of copy" is taken round by round (primitive GB/s / copy GB/s of the same
+round), then the median and min–max. Before every timed call a read of a buffer twice the
 last-level cache evicts the previous call's data and dirty lines.
 """
 from __future__ import annotations

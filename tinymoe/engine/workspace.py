@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import mmap
+import os
 import threading
 import weakref
 
@@ -30,7 +31,18 @@ import numpy as np
 
 MIN_BYTES = 1 << 20          # smaller arrays come from np.empty (malloc keeps those itself)
 BLOCK_GRANULE = 2 << 20      # blocks are whole huge pages
-DEFAULT_LIMIT = 1 << 30      # free blocks kept at most (bytes); the oldest are dropped first
+
+
+def _default_limit() -> int:
+    """A quarter of the machine's memory (1 GiB where it cannot be read): room for the large buffers of one
+    training step, which reuse needs in full (with less, the oldest blocks go and come back as fresh pages)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
+    except (AttributeError, ValueError, OSError):
+        return 1 << 30
+
+
+DEFAULT_LIMIT = _default_limit()  # free blocks kept at most (bytes); the oldest are dropped first
 _SLACK = 1.25                # a free block serves a request of up to this many times fewer bytes
 
 _lock = threading.Lock()
