@@ -28,14 +28,15 @@ NEW, SMALL = experts_module.SwiGLUExperts, linear_module.SMALL_INNER_DIMENSION
 RUN_BLOCKS = experts_module.run_blocks
 
 
-def run_blocks_numba_serial(work, blocks, like, work_per_row=None):
-    """run_blocks whose workers run the Numba kernels on one thread (numba.set_num_threads is per thread)."""
+def run_blocks_numba_serial(work, blocks, like, work_per_row):
+    """run_blocks whose workers set one Numba thread (historical: since 2026-12-01 the kernels are serial loops
+    that never start Numba's threads, so this equals plain run_blocks)."""
     import numba
 
     def serial_kernels(block):
         numba.set_num_threads(1)
         return work(block)
-    return RUN_BLOCKS(serial_kernels, blocks, like)
+    return RUN_BLOCKS(serial_kernels, blocks, like, work_per_row)
 
 
 def configure(name):

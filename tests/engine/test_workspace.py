@@ -1,5 +1,6 @@
 """tinymoe.engine.workspace: large buffers on reused memory, never handed out twice while any view is alive."""
 import gc
+import os
 
 import numpy as np
 import pytest
@@ -77,8 +78,10 @@ def test_limit_and_release():
     array = workspace.empty(BIG, np.float32)
     del array
     assert workspace.stats()["free_blocks"] == 0
-    for bad in (-1, 1.5, True, "1"):
-        with pytest.raises(ValueError, match=r"workspace.set_limit: n_bytes=.* must be an int >= 0"):
+    with pytest.raises(ValueError, match=r"workspace.set_limit: n_bytes=-1 must be >= 0"):
+        workspace.set_limit(-1)
+    for bad in (1.5, True, "1"):
+        with pytest.raises(TypeError, match=r"workspace.set_limit: n_bytes=.* must be an int"):
             workspace.set_limit(bad)
 
 
@@ -112,10 +115,8 @@ def test_moe_training_steps_reach_a_steady_state_without_new_buffers():
         np.testing.assert_array_equal(a, b)  # reused memory changes no value
 
 
-@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_a_forked_child_does_not_share_workspace_memory():
-    import os
-
     array = workspace.empty(BIG, np.float32)
     array[...] = 1.0
     pid = os.fork()
@@ -124,3 +125,16 @@ def test_a_forked_child_does_not_share_workspace_memory():
         os._exit(0)
     os.waitpid(pid, 0)
     assert (array == 1.0).all()  # private memory: the child's write is its own
+
+
+def test_a_block_returned_while_the_lock_is_held_does_not_deadlock():
+    """Finalizers may run on the thread that holds the workspace's lock (a garbage collection inside it)."""
+    array = workspace.empty(BIG, np.float32)
+    with workspace._lock:
+        del array  # the finalizer runs here, under the lock: it must not wait for it
+    assert workspace.stats()["free_blocks"] == 1
+
+
+def test_the_default_limit_is_a_quarter_of_the_memory_this_process_may_use():
+    assert workspace.DEFAULT_LIMIT == workspace._memory_bytes() // 4
+    assert 0 < workspace._memory_bytes() <= os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")

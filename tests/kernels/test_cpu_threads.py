@@ -80,3 +80,23 @@ def test_no_kernel_is_a_numba_parallel_region():
                  "_swiglu_backward"):
         assert pooled[name].targetoptions.get("nogil"), name  # else the pool's threads would take turns
         assert pooled[name].targetoptions.get("error_model") == "numpy", name  # else no SIMD (division checks)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+def test_a_forked_child_gets_a_pool_of_its_own(monkeypatch):
+    import os
+    import signal
+
+    monkeypatch.setattr(cpu_threads, "MIN_PARALLEL_ELEMENTS", 0)
+    monkeypatch.setattr(cpu_threads, "cores", lambda: 2)
+    out = np.zeros(10)
+    cpu_threads.for_rows(10, lambda start, stop: out.__setitem__(slice(start, stop), 1.0), 10)  # the pool exists
+    pid = os.fork()
+    if pid == 0:  # the parent's pool threads did not survive the fork: the child must not wait on them
+        signal.alarm(20)
+        child = np.zeros(10)
+        cpu_threads.for_rows(10, lambda start, stop: child.__setitem__(slice(start, stop), 2.0), 10)
+        os._exit(0 if (child == 2.0).all() else 3)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+    assert (out == 1.0).all()

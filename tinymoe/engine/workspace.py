@@ -24,20 +24,38 @@ from __future__ import annotations
 import math
 import mmap
 import os
+import queue
 import threading
 import weakref
 
 import numpy as np
 
+from .checks import require_int
+
 MIN_BYTES = 1 << 20          # smaller arrays come from np.empty (malloc keeps those itself)
 BLOCK_GRANULE = 2 << 20      # blocks are whole huge pages
 
 
+def _memory_bytes() -> int:
+    """The memory this process may use: the machine's, or its cgroup's limit when that is lower (containers)."""
+    total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(path) as handle:
+                value = handle.read().strip()
+        except OSError:
+            continue
+        if value.isdigit():
+            total = min(total, int(value))
+    return total
+
+
 def _default_limit() -> int:
-    """A quarter of the machine's memory (1 GiB where it cannot be read): room for the large buffers of one
-    training step, which reuse needs in full (with less, the oldest blocks go and come back as fresh pages)."""
+    """A quarter of the memory this process may use (1 GiB where it cannot be read): room for the large
+    buffers of one training step, which reuse needs in full (with less, the oldest blocks go and come back as
+    fresh pages)."""
     try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
+        return _memory_bytes() // 4
     except (AttributeError, ValueError, OSError):
         return 1 << 30
 
@@ -45,8 +63,23 @@ def _default_limit() -> int:
 DEFAULT_LIMIT = _default_limit()  # free blocks kept at most (bytes); the oldest are dropped first
 _SLACK = 1.25                # a free block serves a request of up to this many times fewer bytes
 
+# Blocks come back from weakref finalizers, which may run on any thread at any allocation (a garbage
+# collection inside this module's own code included): they only put the block on a lock-free queue, and the
+# functions below move the queue into the free list under _lock. (A finalizer taking _lock could deadlock on
+# the thread that holds it.)
 _lock = threading.Lock()
+_returned = queue.SimpleQueue()
 _state = {"free": [], "free_bytes": 0, "limit": DEFAULT_LIMIT, "reused": 0, "created": 0}
+
+
+def _reset_after_fork() -> None:
+    """In a forked child: a fresh lock (the parent's may have been held by another thread at the fork)."""
+    global _lock
+    _lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_after_fork)
 
 
 def _new_block(n_bytes: int) -> mmap.mmap:
@@ -67,32 +100,35 @@ def _new_block(n_bytes: int) -> mmap.mmap:
     return block
 
 
-def _take(n_bytes: int):
-    """The smallest free block that fits n_bytes without wasting more than _SLACK, removed from the list."""
-    with _lock:
-        fitting = [(len(block), index) for index, block in enumerate(_state["free"])
-                   if n_bytes <= len(block) <= n_bytes * _SLACK + BLOCK_GRANULE]
-        if not fitting:
-            return None
-        _, index = min(fitting)
-        block = _state["free"].pop(index)
-        _state["free_bytes"] -= len(block)
-        _state["reused"] += 1
-        return block
-
-
-def _trim() -> None:
-    """Drop the oldest free blocks until the rest fit the limit (caller holds _lock)."""
+def _collect_returned() -> None:
+    """Move the blocks finalizers returned into the free list, then trim it to the limit (caller holds _lock)."""
+    while True:
+        try:
+            block = _returned.get_nowait()
+        except queue.Empty:
+            break
+        _state["free"].append(block)
+        _state["free_bytes"] += len(block)
     free = _state["free"]
     while free and _state["free_bytes"] > _state["limit"]:
         _state["free_bytes"] -= len(free.pop(0))
 
 
-def _give_back(block) -> None:
+def _take(n_bytes: int):
+    """The smallest free block that fits n_bytes without wasting more than _SLACK, removed from the list."""
     with _lock:
-        _state["free"].append(block)
-        _state["free_bytes"] += len(block)
-        _trim()
+        _collect_returned()
+        best = None
+        for index, block in enumerate(_state["free"]):
+            if n_bytes <= len(block) <= n_bytes * _SLACK + BLOCK_GRANULE and (best is None or len(block) < best[0]):
+                best = (len(block), index)
+        if best is None:
+            _state["created"] += 1
+            return None
+        block = _state["free"].pop(best[1])
+        _state["free_bytes"] -= len(block)
+        _state["reused"] += 1
+        return block
 
 
 def empty(shape, dtype, xp=np):
@@ -106,10 +142,8 @@ def empty(shape, dtype, xp=np):
     block = _take(n_bytes)
     if block is None:
         block = _new_block(n_bytes)
-        with _lock:
-            _state["created"] += 1
     array = np.ndarray(shape, dtype, buffer=block)
-    weakref.finalize(array, _give_back, block).atexit = False
+    weakref.finalize(array, _returned.put, block).atexit = False
     return array
 
 
@@ -120,16 +154,16 @@ def empty_like(array, xp=np):
 
 def set_limit(n_bytes: int) -> None:
     """Keep at most n_bytes of free blocks (0: none; blocks then go back to the system as soon as freed)."""
-    if isinstance(n_bytes, bool) or not isinstance(n_bytes, (int, np.integer)) or n_bytes < 0:
-        raise ValueError(f"workspace.set_limit: n_bytes={n_bytes!r} must be an int >= 0")
+    n_bytes = require_int(n_bytes, "n_bytes", "workspace.set_limit", low=0)
     with _lock:
-        _state["limit"] = int(n_bytes)
-        _trim()
+        _state["limit"] = n_bytes
+        _collect_returned()
 
 
 def release() -> None:
     """Drop every free block (blocks in use return to the list when their arrays are gone, as usual)."""
     with _lock:
+        _collect_returned()
         _state["free"].clear()
         _state["free_bytes"] = 0
 
@@ -137,6 +171,7 @@ def release() -> None:
 def stats() -> dict:
     """free_bytes / free_blocks kept now; reused / created: requests served from the list / by a new block."""
     with _lock:
+        _collect_returned()
         return {"free_bytes": _state["free_bytes"], "free_blocks": len(_state["free"]),
                 "reused": _state["reused"], "created": _state["created"]}
 

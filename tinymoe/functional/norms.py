@@ -52,9 +52,15 @@ class RMSNorm(_Normalization):
 
     @staticmethod
     def forward(ctx, x, weight, eps):
-        # sum / D is mean's own arithmetic (its float32 sum, then one division), bit for bit, at half its
-        # call cost: decoding calls this ~4 times per layer on one row.
-        inverse_rms = 1.0 / ctx.xp.sqrt((x * x).sum(axis=-1, keepdims=True) / x.shape[-1] + eps)
+        # For float32 and float64, sum / D is mean's own arithmetic (a sum in x's dtype, then one division),
+        # bit for bit, at half its call cost: decoding calls this ~4 times per layer on one row. float16's
+        # mean sums in float32 (a float16 sum of squares overflows at 65504), so it keeps mean.
+        squares = x * x
+        if x.dtype.itemsize >= 4:
+            mean_square = squares.sum(axis=-1, keepdims=True) / x.shape[-1]
+        else:
+            mean_square = squares.mean(axis=-1, keepdims=True)
+        inverse_rms = 1.0 / ctx.xp.sqrt(mean_square + eps)
         normalized = x * inverse_rms
         ctx.save_for_backward(normalized, inverse_rms, weight)
         ctx.subtracts_mean, ctx.has_bias = False, False

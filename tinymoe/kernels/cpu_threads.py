@@ -26,6 +26,18 @@ _lock = threading.Lock()
 _state = {"executor": None, "workers": 0}
 
 
+def _reset_after_fork() -> None:
+    """In a forked child: no pool (its threads did not survive the fork) and a fresh lock."""
+    global _lock
+    _lock = threading.Lock()
+    _state["executor"], _state["workers"] = None, 0
+    _blas["regions"], _blas["limiter"] = 0, None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_after_fork)
+
+
 def cores() -> int:
     """CPU cores this process may run on."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -32,7 +32,8 @@ from .hf_config import HFModelSpec
 
 class DecodingArrays(NamedTuple):
     """What `HFAttention.forward_arrays` reads (see `HFAttention.decoding_arrays`)."""
-    qkv_weight: object          # [W_q; W_k; W_v] (Hq·D + 2·Hkv·D, hidden), a copy
+    projections: tuple          # ((weight, bias or None) of q, k, v): the parameters' own arrays
+    qkv_weight: object          # [W_q; W_k; W_v] (Hq·D + 2·Hkv·D, hidden), a copy, or None (not stacked)
     qkv_bias: object            # [b_q; b_k; b_v] or None
     widths: tuple               # (Hq·D, Hkv·D, Hkv·Dv): where q, k and v sit in the stacked output
     o_weight: object
@@ -41,6 +42,11 @@ class DecodingArrays(NamedTuple):
     k_norm: object
     head_norm: object           # per-head norms stacked: (weight (Hq + Hkv, D), eps), or None
     sinks: object               # (Hq,) or None
+
+
+# q|k|v are stacked for decoding only while the copy is small: it pays where one projection is too small for
+# OpenBLAS to spread over its threads (and a large model's copy would cost memory and time per decoding).
+MAX_STACKED_QKV = 1 << 22
 
 
 # The model_types whose attention HFAttention computes (DeepSeek-V3's MLA is hf_mla.MultiHeadLatentAttention).
@@ -111,11 +117,12 @@ class HFAttention(Module):
     def decoding_arrays(self) -> "DecodingArrays":
         """The arrays `forward_arrays` reads, collected once per decoding (hf_decoding.layer_arrays).
 
-        The stacked [W_q; W_k; W_v] is a copy (hidden·(Hq + 2 Hkv)·D numbers per layer): one product instead
-        of three, each output still the same dot product (bit for bit), and OpenBLAS spreads a matrix of that
-        size over its threads (on the 98M benchmark model 83 µs against 169 µs for the three, 2 cores).
+        The stacked [W_q; W_k; W_v] is a copy (hidden·(Hq + 2 Hkv)·D numbers per layer; made when it has at
+        most MAX_STACKED_QKV numbers and q, k, v all have a bias or none): one GEMV instead of three for a
+        decoding step, each output still the same dot product (bit for bit), and OpenBLAS spreads a matrix of
+        that size over its threads (on the 98M benchmark model 83 µs against 169 µs for the three, 2 cores).
         With per-head q/k norms of one eps, their weights are stacked per head (Hq + Hkv, D), so that one
-        norm and one rotation cover the query and key heads together (the same arithmetic per element)."""
+        norm and one rotation cover a step's query and key heads together (the same arithmetic per element)."""
         def bias_of(linear):
             return None if linear.bias is None else linear.bias.data
 
@@ -125,24 +132,24 @@ class HFAttention(Module):
         sinks = getattr(self, "sinks", None)
         projections = (self.q_proj, self.k_proj, self.v_proj)
         xp = array_module(self.q_proj.weight.data)
-        weight = xp.concatenate([linear.weight.data for linear in projections])
         biases = [bias_of(linear) for linear in projections]
-        if any(bias is None for bias in biases) and not all(bias is None for bias in biases):
-            biases = [xp.zeros(linear.weight.shape[0], weight.dtype) if bias is None else bias
-                      for linear, bias in zip(projections, biases)]
+        stack = (sum(linear.weight.size for linear in projections) <= MAX_STACKED_QKV
+                 and len({bias is None for bias in biases}) == 1)
+        weight = xp.concatenate([linear.weight.data for linear in projections]) if stack else None
+        bias = xp.concatenate(biases) if stack and biases[0] is not None else None
         q_norm, k_norm = norm("q_norm"), norm("k_norm")
         head_norm = None
         if self.qk_norm == "head" and q_norm[1] == k_norm[1]:
             head_norm = (xp.concatenate([xp.broadcast_to(q_norm[0], (self.num_heads, self.head_dim)),
                                          xp.broadcast_to(k_norm[0], (self.num_kv_heads, self.head_dim))]), q_norm[1])
-        return DecodingArrays(weight, None if biases[0] is None else xp.concatenate(biases),
+        return DecodingArrays(tuple((linear.weight.data, b) for linear, b in zip(projections, biases)), weight, bias,
                               tuple(linear.weight.shape[0] for linear in projections), self.o_proj.weight.data,
                               bias_of(self.o_proj), q_norm, k_norm, head_norm, None if sinks is None else sinks.data)
 
     def forward_arrays(self, x, rotation, cache, arrays=None):
         """`forward` on plain arrays for decoding under no_grad: the same ops' forwards (so the same values, bit
-        for bit), without Tensors, graph, argument checks or module calls, and with q, k and v from one
-        stacked product and the query and key heads normed and rotated together (`decoding_arrays`).
+        for bit), without Tensors, graph, argument checks or module calls; a one-row step takes q, k and v
+        from one stacked product and norms and rotates the query and key heads together (`decoding_arrays`).
         x (B, L, hidden); rotation: `rotary_tables(positions, dtype)` of the model's first layer (every
         layer's rope is the spec's); cache: a KVCache (required: this path is for cached decoding); arrays:
         `decoding_arrays()` (default: collected now)."""
@@ -150,12 +157,18 @@ class HFAttention(Module):
         ctx = Context(np, (), False)
         arrays = self.decoding_arrays() if arrays is None else arrays
         q_width, k_width, _ = arrays.widths
-        qkv = LinearOp.forward(ctx, x, arrays.qkv_weight, arrays.qkv_bias)
-        q, k, v = qkv[..., :q_width], qkv[..., q_width:q_width + k_width], qkv[..., q_width + k_width:]
+        # One row: one stacked GEMV, each output the same dot product as in its own GEMV. More rows take the
+        # three products of the regular forward (a GEMM of another width need not round the same).
+        stacked = batch * length == 1 and arrays.qkv_weight is not None
+        if stacked:
+            qkv = LinearOp.forward(ctx, x, arrays.qkv_weight, arrays.qkv_bias)
+            q, k, v = qkv[..., :q_width], qkv[..., q_width:q_width + k_width], qkv[..., q_width + k_width:]
+        else:
+            q, k, v = (LinearOp.forward(ctx, x, weight, bias) for weight, bias in arrays.projections)
         if self.qk_norm == "all":
             q, k = RMSNormOp.forward(ctx, q, *arrays.q_norm), RMSNormOp.forward(ctx, k, *arrays.k_norm)
         cos, sin = rotation
-        if self.qk_norm != "all" and (self.qk_norm is None or arrays.head_norm is not None):
+        if stacked and self.qk_norm != "all" and (self.qk_norm is None or arrays.head_norm is not None):
             heads = qkv[..., :q_width + k_width].reshape(batch, length, -1, self.head_dim)
             if arrays.head_norm is not None:
                 heads = RMSNormOp.forward(ctx, heads, *arrays.head_norm)

@@ -8,8 +8,9 @@ in the hidden states (and so in the KV cache; test_generation).
 
 The arrays each step reads (norm weights, projections, the experts' weights) are collected once per KVCache
 (`layer_arrays`, kept in cache.derived): a cache is one decoding, generate makes a fresh one per call. They
-are the parameters' own arrays, not copies, so in-place updates are seen; a parameter given a new array while
-a cache is in use is not (and its cached keys would be stale anyway).
+are the parameters' own arrays, except the stacked q|k|v weights and per-head norm weights of
+`HFAttention.decoding_arrays`, which are copies made then: a parameter changed (in place or given a new
+array) while a cache is in use is not seen by that cache (whose cached keys would be stale anyway).
 """
 from __future__ import annotations
 
