@@ -100,3 +100,19 @@ def test_a_forked_child_gets_a_pool_of_its_own(monkeypatch):
     _, status = os.waitpid(pid, 0)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
     assert (out == 1.0).all()
+
+
+def test_the_callers_error_wins_and_the_workers_are_waited_for(monkeypatch):
+    monkeypatch.setattr(cpu_threads, "MIN_PARALLEL_ELEMENTS", 0)
+    monkeypatch.setattr(cpu_threads, "cores", lambda: 2)
+    done = []
+
+    def call(start, stop):
+        if start == 0:
+            raise KeyError("caller's range")
+        done.append(start)
+        raise RuntimeError("worker's range")
+
+    with pytest.raises(KeyError, match="caller's range"):
+        cpu_threads.for_rows(10, call, 10)
+    assert done == [5]  # the worker's range ran to its end before for_rows returned

@@ -55,7 +55,8 @@ class Function:
     """Base class of every op. Subclasses define static `forward(ctx, ...)` and `backward(ctx, *grads)`.
 
     `fresh_gradients = True` promises that backward returns newly allocated arrays, a different one per
-    input, kept nowhere else; a leaf's `.grad` then takes them as they are instead of a copy.
+    input, kept nowhere else (disjoint views of one new buffer qualify: SwiGLUExperts returns w1's and w3's
+    gradients as the two halves of one array); a leaf's `.grad` then takes them as they are instead of a copy.
     """
 
     fresh_gradients = False

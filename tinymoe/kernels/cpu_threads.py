@@ -87,9 +87,12 @@ def for_rows(n_rows: int, call, elements: int) -> None:
     futures = [executor(len(ranges) - 1).submit(call, *bounds) for bounds in ranges[1:]]
     try:
         call(*ranges[0])  # the calling thread takes the first range instead of waiting for a worker to
-    finally:
+    except BaseException:
         for future in futures:
-            future.result()
+            future.exception()  # wait for the workers (their rows are written or not; the caller's error wins)
+        raise
+    for future in futures:
+        future.result()
 
 
 # ----- one-thread BLAS for a region ---------------------------------------------------------------------------
