@@ -15,7 +15,6 @@ from numba import njit, types
 from numba.extending import overload
 
 from ..engine import workspace
-from . import cpu_threads
 from .cpu_threads import for_rows
 
 
@@ -157,9 +156,7 @@ def swiglu(a, b):
     dtype = np.result_type(a, b)
     a_rows, b_rows = _as_rows(a, dtype), _as_rows(b, dtype)
     h = workspace.empty(a_rows.shape, dtype)
-    if 0 < h.size < cpu_threads.MIN_PARALLEL_ELEMENTS:  # one call here (a decoding step: k rows), without the pool's path
-        _swiglu(*_flat(a_rows), *_flat(b_rows), *_flat(h), h.shape[0], h.shape[1])
-    elif h.size:
+    if h.size:
         for_rows(h.shape[0], lambda start, stop: _swiglu(
             *_flat(a_rows[start:stop]), *_flat(b_rows[start:stop]), *_flat(h[start:stop]), stop - start, h.shape[1]),
             h.size)
