@@ -19,7 +19,7 @@ SHAPES = {  # name: (T tokens, d_model, d_ff, E experts, k)
     "fine-grained": (16384, 1024, 512, 64, 6),
 }
 
-ROWS = ("tinymoe", "torch-loop", "torch-sort", "floor", "matmul")  # bench_moe.py's rows (see moe_rows.py)
+ROWS = ("tinymoe", "torch-loop", "torch-sort", "floor", "floor-fused", "matmul")  # bench_moe.py's rows (see moe_rows.py)
 LAYER_ROWS = ("tinymoe", "torch-loop", "torch-sort")             # the rows that are a whole MoE layer
 MATMUL_SIZE = {"cpu": 2048, "cuda": 8192}                         # the square matmul row: size² float32
 OPENBLAS_TUNING_VARIABLES = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")

@@ -32,7 +32,8 @@ from bench_common import (LAYER_ROWS, MATMUL_SIZE, OPENBLAS_TUNING_VARIABLES, RO
 
 TORCH_ROWS = ("torch-loop", "torch-sort")
 LABELS = {"tinymoe": "tinymoe", "torch-loop": "torch, transformers-style", "torch-sort": "torch, sort-based",
-          "floor": "expert matmuls alone (floor)", "matmul": "square matmul"}
+          "floor": "expert matmuls alone (floor)", "floor-fused": "fused floor (6 GEMMs, 1/core)",
+          "matmul": "square matmul"}
 
 
 # ----- worker side (a fresh process per row) ---------------------------------------------------------------

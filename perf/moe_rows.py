@@ -4,6 +4,7 @@
     torch-loop   PyTorch eager, transformers-style (torch_peers.transformers_style)
     torch-sort   PyTorch eager, sort-based (torch_peers.sort_based)
     floor        the nine expert matmuls of forward + backward alone, on contiguous blocks (NumPy / CuPy)
+    floor-fused  the six matmuls per expert tinymoe runs (w1|w3 stacked), scheduled as tinymoe does on the CPU
     matmul       a square float32 product, 2048² on the CPU, 8192² on the GPU: the machine's matmul rate
 
 Every worker builds the same arrays from the same NumPy seed (make_problem), so weights, inputs and hence
@@ -153,6 +154,59 @@ def floor_row(problem, shape, device):
     return step, None, _synchronizer_for(xp, device)
 
 
+def fused_floor_row(problem, shape, device):
+    """The six matmuls per expert that tinymoe's SwiGLU experts run (w1|w3 stacked once here, outside the
+    timing), scheduled as tinymoe schedules them on the CPU: one expert block per core, one BLAS thread each
+    (threadpoolctl), largest block first; in order on the GPU and below tinymoe's work threshold. Nothing else:
+    no SwiGLU, dispatch or router."""
+    xp = _array_module(device)
+    _, d_model, d_ff, n_experts, top_k = shape
+    counts = routed_counts(problem, top_k)
+    w13 = xp.asarray(np.concatenate([problem["experts.w1"], problem["experts.w3"]], axis=1))  # (E, 2ff, d)
+    w2 = xp.asarray(problem["experts.w2"])
+    rows = int(counts.sum())
+    xs, grad_out = (xp.asarray(np.resize(problem[name], (rows, d_model))) for name in ("x", "cotangent"))
+    gate_up, hidden = xp.empty((rows, 2 * d_ff), xp.float32), xp.zeros((rows, d_ff), xp.float32)
+    out, grad_x = xp.empty((rows, d_model), xp.float32), xp.empty((rows, d_model), xp.float32)
+    grad_w13, grad_w2 = xp.empty_like(w13), xp.empty_like(w2)
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    blocks = sorted(((e, int(offsets[e]), int(offsets[e + 1])) for e in range(n_experts) if counts[e]),
+                    key=lambda block: block[1] - block[2])
+
+    def forward(block):
+        e, a, b = block
+        xp.matmul(xs[a:b], w13[e].T, out=gate_up[a:b])
+        xp.matmul(hidden[a:b], w2[e].T, out=out[a:b])
+
+    def backward(block):
+        e, a, b = block
+        xp.matmul(grad_out[a:b], w2[e], out=hidden[a:b])          # dh
+        xp.matmul(grad_out[a:b].T, hidden[a:b], out=grad_w2[e])   # dw2 = dyᵀ h
+        xp.matmul(gate_up[a:b].T, xs[a:b], out=grad_w13[e])       # [dw1; dw3] = [da | db]ᵀ x
+        xp.matmul(gate_up[a:b], w13[e], out=grad_x[a:b])          # dx = [da | db] w13
+
+    if device == "cuda" or rows * d_model * d_ff < 1 << 26:  # tinymoe's functional.experts.MIN_PARALLEL_WORK
+        def step():
+            for block in blocks:
+                forward(block)
+            for block in blocks:
+                backward(block)
+        return step, None, _synchronizer_for(xp, device)
+
+    import concurrent.futures
+    import os
+
+    from threadpoolctl import threadpool_limits
+
+    pool = concurrent.futures.ThreadPoolExecutor(len(os.sched_getaffinity(0)))
+
+    def step():
+        with threadpool_limits(1, user_api="blas"):
+            list(pool.map(forward, blocks))
+            list(pool.map(backward, blocks))
+    return step, None, _synchronizer_for(xp, device)
+
+
 def matmul_row(device):
     xp = _array_module(device)
     size = MATMUL_SIZE[device]
@@ -176,6 +230,8 @@ def build_row(row, shape_name, device, kernels=None, seed=0):
         return torch_row(problem, shape, device, row)
     if row == "floor":
         return floor_row(problem, shape, device)
+    if row == "floor-fused":
+        return fused_floor_row(problem, shape, device)
     raise ValueError(f"row={row!r} is unknown; expected one of {ROWS}")
 
 

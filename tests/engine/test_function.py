@@ -106,6 +106,30 @@ def test_needs_input_grad_and_requires_grad_per_call():
     assert Probe.seen["requires_grad"] is False
 
 
+class LastUseProbe(tm.Function):
+    """Records ctx.last_use as each backward sees it."""
+    seen = []
+
+    @staticmethod
+    def forward(ctx, x):
+        return x * 2.0
+
+    @staticmethod
+    def backward(ctx, grad):
+        LastUseProbe.seen.append(ctx.last_use)
+        return 2.0 * grad
+
+
+def test_last_use_tells_a_backward_whether_its_saved_arrays_serve_again():
+    LastUseProbe.seen.clear()
+    x = leaf([1.0, 2.0])
+    y = LastUseProbe.apply(x).sum()
+    y.backward(retain_graph=True)  # the graph is kept for another backward: saved arrays must stay intact
+    y.backward()                   # the last one: a backward may overwrite buffers its forward saved
+    assert LastUseProbe.seen == [False, True]
+    np.testing.assert_array_equal(host(x.grad), [4.0, 4.0])
+
+
 def test_gradient_reaches_only_tensor_inputs_in_order():
     a, b = leaf([1.0, 2.0]), leaf([10.0, 20.0])
     Probe.apply(a, 4.0, b).sum().backward()

@@ -245,6 +245,29 @@ def test_concurrent_calls_from_two_threads_are_right_and_restore_the_blas_thread
     assert _blas_threads() == before
 
 
+@pytest.mark.parametrize("threads", ["in order", "over the pool"])
+def test_a_retained_graph_gives_the_same_gradients_again(monkeypatch, threads):
+    """With retain_graph=True the backward must leave its saved [a | b] intact (it writes [da | db] over it
+    only on the last use): a second backward through the same graph gives the same bits."""
+    import tinymoe.functional.experts as experts_module
+    monkeypatch.setattr(experts_module, "MIN_PARALLEL_WORK", 0 if threads == "over the pool" else 1 << 62)
+    arrays, offsets = _float32_problem(3)
+    expected = _step(arrays, offsets)
+    tensors = [tm.tensor(a, requires_grad=True) for a in arrays]
+    out = swiglu_experts(*tensors, offsets)
+    cotangent = tm.tensor(np.random.default_rng(9).standard_normal(out.shape).astype(np.float32))
+    out.backward(cotangent, retain_graph=True)
+    first = [t.grad.copy() for t in tensors]
+    for t in tensors:
+        t.grad = None
+    out.backward(cotangent)
+    for got_first, got_again, want in zip(first, [t.grad for t in tensors], expected[1:]):
+        np.testing.assert_array_equal(got_first, want)
+        np.testing.assert_array_equal(got_again, want)
+    loops = swiglu_by_loops(*(a.astype(np.float64) for a in arrays), offsets)
+    np.testing.assert_allclose(expected[0], loops, rtol=2e-4, atol=2e-4)
+
+
 def test_a_kernel_without_out_gives_the_same_gradients():
     """An implementation whose swiglu_backward takes no out= (like the CuPy one) goes through a concatenation."""
     import types

@@ -77,7 +77,7 @@ def test_no_kernel_is_a_numba_parallel_region():
         assert not kernel.targetoptions.get("parallel"), kernel
     pooled = {kernel.py_func.__name__: kernel for kernel in kernels}
     for name in ("_gather_rows", "_combine_rows", "_combine_weights_grad", "_sum_segments", "_swiglu",
-                 "_swiglu_backward"):
+                 "_swiglu_backward", "_swiglu_backward_in_place"):
         assert pooled[name].targetoptions.get("nogil"), name  # else the pool's threads would take turns
         assert pooled[name].targetoptions.get("error_model") == "numpy", name  # else no SIMD (division checks)
 

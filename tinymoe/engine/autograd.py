@@ -129,6 +129,7 @@ def backward(root, grad, retain_graph: bool = False):
             if output_tensor is not None and output_tensor._retains_grad:
                 _accumulate_leaf(output_tensor, output_grads[index])
 
+        node.ctx.last_use = not retain_graph
         input_grads = node.function.backward(node.ctx, *output_grads)
         if not isinstance(input_grads, tuple):
             input_grads = (input_grads,)

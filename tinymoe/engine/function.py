@@ -37,6 +37,8 @@ class Context:
     `xp`: the array module of the inputs. `needs_input_grad`: one bool per tensor input.
     `requires_grad`: True when a backward may follow; forwards can skip backward-only work when it is False.
     Attributes set on the context (`ctx.axis = axis`) are kept for backward, like saved arrays.
+    `last_use`: True while a backward runs that is the last to read the saved arrays (`backward()` without
+    retain_graph); a backward may then overwrite buffers that its own forward made and saved (never inputs).
     """
 
     def __init__(self, xp, needs_input_grad, requires_grad):
@@ -44,6 +46,7 @@ class Context:
         self.needs_input_grad = needs_input_grad
         self.requires_grad = requires_grad
         self.saved_tensors = ()
+        self.last_use = False
 
     def save_for_backward(self, *arrays):
         """Keep arrays for backward; under no_grad (or with no differentiable input) nothing is kept."""

@@ -4,7 +4,8 @@ Part of the "numba" implementation (`tinymoe.kernels.numba_cpu` re-exports `swig
 same results as `tinymoe.kernels.reference`. Owner-computes loops over rows: no races, fixed order. The
 kernels release the GIL; the wrappers run one range of rows per core on `tinymoe.kernels.cpu_threads`' pool
 (why not Numba's parallel threads: `tinymoe.kernels.numba_cpu`); small outputs and calls from a pool worker
-(an expert block) run inline on the calling thread.
+(an expert block) run inline on the calling thread. The backward can also run in place (the experts' backward
+writes [da | db] over its saved [a | b] and h over dh: a third less memory traffic).
 """
 from __future__ import annotations
 
@@ -12,85 +13,71 @@ import math
 
 import numpy as np
 from numba import njit, types
-from numba.extending import overload
+from numba.extending import intrinsic, overload
+from numba.np.numpy_support import as_dtype
 
 from ..engine import workspace
 from .cpu_threads import for_rows
 
 
 # ----- SwiGLU ------------------------------------------------------------------------------------------
-# One kernel per op; only σ differs by dtype, picked when Numba compiles the kernel for a dtype (the
-# overloads below), so the choice costs nothing at run time. Each row first calls `_precompute_sigmoid`,
-# then reads σ of each element with `_sigmoid_at`:
-#   float32: the whole row's σ is computed into the output row by the vectorisable `_sigmoid_row_float32`
-#            (the output element is overwritten only after its σ was read);
-#   others:  nothing is precomputed and σ comes from the libm exp, element by element, fused with the rest
-#            of the arithmetic (a separate σ pass would cost float64 45% more).
+# One kernel per op, one pass over the elements; only σ differs by dtype, picked when Numba compiles the kernel
+# for a dtype (the overload of `_sigmoid` below), so the choice costs nothing at run time:
+#   float32: `_sigmoid_float32`, branch-free arithmetic that LLVM turns into SIMD code;
+#   others:  `_sigmoid_exact`, from the libm exp (a scalar call).
 @njit(inline="always")
 def _sigmoid_exact(gate, one):
     decay = math.exp(-abs(gate))  # never overflows
     return one / (one + decay) if gate >= 0 else decay / (one + decay)
 
 
-# float32 SwiGLU spends its time in exp(), which the scalar libm call keeps from vectorising. This sigmoid
-# is branch-free arithmetic LLVM turns into SIMD code (2.5x faster on the whole kernel, same accuracy):
+@intrinsic
+def _float32_from_bits(typingctx, bits):
+    """The float32 whose IEEE-754 bit pattern is the int32 `bits` (a register move; compiled code only)."""
+    if bits != types.int32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], context.get_value_type(types.float32))
+    return types.float32(types.int32), codegen
+
+
+# float32 SwiGLU spends its time in exp(), which the scalar libm call keeps from vectorising; this σ vectorises
+# (2.5x faster on the whole kernel, same accuracy):
 #   e^x for x = −|a| ≥ −87: n = round(x·log2 e), r = x − n·ln 2 (in two parts, so r is exact), |r| ≤ ln2/2;
 #   e^r by its Taylor series to r⁷ (relative error < 1e-8); 2^n by writing n + 127 into the exponent bits.
 _LOG2_E, _LN2_HIGH, _LN2_LOW = np.float32(1.4426950408889634), np.float32(0.693359375), np.float32(-2.12194440e-4)
+_TAYLOR = tuple(np.float32(1 / math.factorial(power)) for power in range(7, -1, -1))  # 1/7!, 1/6!, ..., 1/0!
 
 
-def _sigmoid_row_float32(gates, sigma, scratch):
-    """sigma[c] = σ(gates[c]) for one float32 row, vectorisable (see above); scratch: int32 of the row's width
-    for the exponent bits (allocated once per kernel call, not per row: 15% of the kernel)."""
-    exponent_bits = scratch
+def _sigmoid_float32(gate):
+    """σ(gate) for a float32 gate (see above); compiled through the overload of `_sigmoid` only."""
     one, half = np.float32(1), np.float32(0.5)
-    for column in range(gates.shape[0]):
-        x = max(-abs(gates[column]), np.float32(-87))
-        n = np.floor(x * _LOG2_E + half)
-        exponent_bits[column] = (np.int32(n) + np.int32(127)) << np.int32(23)
-        sigma[column] = (x - n * _LN2_HIGH) - n * _LN2_LOW
-    powers_of_two = exponent_bits.view(np.float32)
-    for column in range(gates.shape[0]):
-        r = sigma[column]
-        series = np.float32(1 / 5040)
-        for coefficient in (1 / 720, 1 / 120, 1 / 24, 1 / 6, 1 / 2, 1.0, 1.0):
-            series = series * r + np.float32(coefficient)
-        decay = series * powers_of_two[column]  # e^(−|a|) in (0, 1]
-        inverse = one / (one + decay)
-        sigma[column] = inverse if gates[column] >= 0 else decay * inverse
+    x = max(-abs(gate), np.float32(-87))
+    n = np.floor(x * _LOG2_E + half)
+    r = (x - n * _LN2_HIGH) - n * _LN2_LOW
+    c7, c6, c5, c4, c3, c2, c1, c0 = _TAYLOR
+    series = ((((((c7 * r + c6) * r + c5) * r + c4) * r + c3) * r + c2) * r + c1) * r + c0
+    decay = series * _float32_from_bits(np.int32((np.int32(n) + np.int32(127)) << np.int32(23)))  # e^(−|a|)
+    inverse = one / (one + decay)
+    return inverse if gate >= 0 else decay * inverse
 
 
-def _precompute_sigmoid(gates, sigma, scratch):
-    """float32: sigma[c] = σ(gates[c]) for the row (scratch: int32, the row's width); other dtypes: nothing.
-    Compiled code only."""
+def _sigmoid(gate):
+    """σ(gate) in gate's dtype (see above). Compiled code only."""
     raise NotImplementedError("runs inside Numba kernels only")
 
 
-def _sigmoid_at(gates, sigma, column):
-    """σ(gates[column]): read from `sigma` (float32, precomputed) or computed now. Compiled code only."""
-    raise NotImplementedError("runs inside Numba kernels only")
+@overload(_sigmoid, inline="always")
+def _sigmoid_for_dtype(gate):
+    if gate == types.float32:
+        return _sigmoid_float32
 
+    one = as_dtype(gate).type(1)  # a constant of the data's dtype
 
-@overload(_precompute_sigmoid, inline="always")
-def _precompute_sigmoid_for_dtype(gates, sigma, scratch):
-    if gates.dtype == types.float32:
-        return _sigmoid_row_float32
-
-    def nothing_to_precompute(gates, sigma, scratch):
-        pass
-    return nothing_to_precompute
-
-
-@overload(_sigmoid_at, inline="always")
-def _sigmoid_at_for_dtype(gates, sigma, column):
-    if gates.dtype == types.float32:
-        def precomputed(gates, sigma, column):
-            return sigma[column]
-        return precomputed
-
-    def computed(gates, sigma, column):
-        return _sigmoid_exact(gates[column], sigma.dtype.type(1))  # a constant of the data's dtype
-    return computed
+    def exact(gate):
+        return _sigmoid_exact(gate, one)
+    return exact
 
 
 # Operands are often the halves [a | b] of one (n, 2ff) buffer (the experts' fused gate/up product); strided
@@ -103,29 +90,41 @@ def _row(flat, step, row, width):
 
 @njit(nogil=True, cache=True, error_model="numpy")
 def _swiglu(a, a_step, b, b_step, h, h_step, n_rows, width):
-    scratch = np.empty(width, np.int32)
     for row in range(n_rows):
         gates, ups, out = _row(a, a_step, row, width), _row(b, b_step, row, width), _row(h, h_step, row, width)
-        _precompute_sigmoid(gates, out, scratch)
         for column in range(width):
-            out[column] = gates[column] * _sigmoid_at(gates, out, column) * ups[column]  # (a·σ)·b, as below
+            gate = gates[column]
+            out[column] = gate * _sigmoid(gate) * ups[column]  # (a·σ)·b, as below
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
 def _swiglu_backward(a, a_step, b, b_step, g, g_step, grad_a, da_step, grad_b, db_step, h, h_step, n_rows, width):
-    one = grad_a.dtype.type(1)
-    scratch = np.empty(width, np.int32)
     for row in range(n_rows):
-        gates, ups, out = _row(a, a_step, row, width), _row(b, b_step, row, width), _row(h, h_step, row, width)
-        grads, grad_gates, grad_ups = (_row(g, g_step, row, width), _row(grad_a, da_step, row, width),
-                                       _row(grad_b, db_step, row, width))
-        _precompute_sigmoid(gates, out, scratch)
-        for column in range(width):
-            gate, up, sigma = gates[column], ups[column], _sigmoid_at(gates, out, column)
-            silu = gate * sigma
-            grad_ups[column] = grads[column] * silu
-            grad_gates[column] = grads[column] * up * sigma * (one + gate * (one - sigma))
-            out[column] = silu * up
+        _swiglu_backward_row(_row(a, a_step, row, width), _row(b, b_step, row, width), _row(g, g_step, row, width),
+                             _row(grad_a, da_step, row, width), _row(grad_b, db_step, row, width),
+                             _row(h, h_step, row, width))
+
+
+# In place: da over a, db over b, h over g. Each element is read before it is written, in one iteration, and
+# each pair is one array here: LLVM then sees a distance-0 dependence and vectorises (passed as two arrays of
+# the same address, its run-time overlap check would send the loop to scalar code, ~2x slower).
+@njit(nogil=True, cache=True, error_model="numpy")
+def _swiglu_backward_in_place(a, a_step, b, b_step, g, g_step, n_rows, width):
+    for row in range(n_rows):
+        gates, ups, grads = _row(a, a_step, row, width), _row(b, b_step, row, width), _row(g, g_step, row, width)
+        _swiglu_backward_row(gates, ups, grads, gates, ups, grads)
+
+
+@njit(inline="always")
+def _swiglu_backward_row(gates, ups, grads, grad_gates, grad_ups, out):
+    one = gates.dtype.type(1)
+    for column in range(gates.shape[0]):
+        gate, up, grad = gates[column], ups[column], grads[column]
+        sigma = _sigmoid(gate)
+        silu = gate * sigma
+        grad_ups[column] = grad * silu
+        grad_gates[column] = grad * up * sigma * (one + gate * (one - sigma))
+        out[column] = silu * up
 
 
 def _as_rows(array, dtype):
@@ -163,23 +162,47 @@ def swiglu(a, b):
     return h.reshape(np.shape(a))
 
 
-def swiglu_backward(a, b, grad_h, out=None):
+def swiglu_backward(a, b, grad_h, out=None, h_out=None):
     """(da, db, h): da = g · b · σ(a)·(1 + a·(1 − σ(a))), db = g · a·σ(a), h = a·σ(a)·b, in one pass.
 
-    out: None or (da, db) to write into and return: 2-D NumPy arrays of a's shape and the result dtype, each
-    row contiguous (e.g. the two halves of one (n, 2ff) buffer).
+    out: None or (da, db), h_out: None or h, to write into and return: 2-D NumPy arrays of a's shape and the
+    result dtype, each row contiguous (e.g. the two halves of one (n, 2ff) buffer), sharing no memory with the
+    inputs, or all three the inputs themselves, out=(a, b) and h_out=grad_h: computed in place.
     """
     dtype = np.result_type(a, b, grad_h)
     a_rows, b_rows, grad_rows = _as_rows(a, dtype), _as_rows(b, dtype), _as_rows(grad_h, dtype)
-    grad_a, grad_b = (workspace.empty(a_rows.shape, dtype) for _ in range(2)) if out is None else out
-    for name, array in () if out is None else (("da", grad_a), ("db", grad_b)):
+    given = (() if out is None else (("out da", out[0]), ("out db", out[1])))
+    given += () if h_out is None else (("h_out", h_out),)
+    for name, array in given:
         if not isinstance(array, np.ndarray) or array.shape != np.shape(a) or _as_rows(array, dtype) is not array:
-            raise ValueError(f"swiglu_backward: out {name} must be a 2-D {dtype} NumPy array of shape {np.shape(a)} "
-                             f"with contiguous rows, got {getattr(array, 'shape', array)} {getattr(array, 'dtype', '')}")
-    h = workspace.empty(a_rows.shape, dtype)
+            got = f"{getattr(array, 'shape', array)} {getattr(array, 'dtype', '')}"
+            raise ValueError(f"swiglu_backward: {name} must be a 2-D {dtype} NumPy array of shape {np.shape(a)} "
+                             f"with contiguous rows, got {got}")
+    inputs = (a_rows, b_rows, grad_rows)
+    in_place = out is not None and h_out is not None and all(
+        _same_elements(output, source) for output, source in zip((*out, h_out), inputs))
+    if not in_place:
+        for name, array in given:
+            for input_name, rows in zip(("a", "b", "grad_h"), inputs):
+                if np.shares_memory(array, rows):
+                    raise ValueError(f"swiglu_backward: {name} shares memory with {input_name}; outputs must be "
+                                     "apart from the inputs, or all three the inputs themselves (out=(a, b), "
+                                     "h_out=grad_h: in place)")
+    grad_a, grad_b = (workspace.empty(a_rows.shape, dtype) for _ in range(2)) if out is None else out
+    h = workspace.empty(a_rows.shape, dtype) if h_out is None else h_out
     if h.size:
         def rows(start, stop):
-            _swiglu_backward(*(piece for array in (a_rows, b_rows, grad_rows, grad_a, grad_b, h)
-                               for piece in _flat(array[start:stop])), stop - start, h.shape[1])
+            if in_place:
+                _swiglu_backward_in_place(*(piece for array in inputs for piece in _flat(array[start:stop])),
+                                          stop - start, h.shape[1])
+            else:
+                _swiglu_backward(*(piece for array in (*inputs, grad_a, grad_b, h)
+                                   for piece in _flat(array[start:stop])), stop - start, h.shape[1])
         for_rows(h.shape[0], rows, h.size)
     return grad_a.reshape(np.shape(a)), grad_b.reshape(np.shape(a)), h.reshape(np.shape(a))
+
+
+def _same_elements(x, y) -> bool:
+    """Whether two arrays view the same elements in the same order (same start, shape and strides)."""
+    return (x.__array_interface__["data"][0] == y.__array_interface__["data"][0] and x.shape == y.shape
+            and x.strides == y.strides)

@@ -103,17 +103,19 @@ def swiglu(a, b):
     return a * sigmoid(a) * b
 
 
-def swiglu_backward(a, b, grad_h, out=None):
+def swiglu_backward(a, b, grad_h, out=None, h_out=None):
     """(da, db, h): da = g · b · σ(a)·(1 + a·(1 − σ(a))), db = g · a·σ(a), and h = a·σ(a)·b itself, from
     the same σ(a) (the experts' backward needs h for dw2; returning it saves a second pass).
 
-    out: None, or (da, db) arrays of a's shape to write into (e.g. the two halves of one (n, 2ff) buffer).
+    out: None, or (da, db) arrays of a's shape to write into (e.g. the two halves of one (n, 2ff) buffer);
+    h_out: None, or an array of a's shape for h. Outputs may be the inputs themselves (every result is computed
+    before any is written).
     """
     sigma = sigmoid(a)
     silu = a * sigma
-    grad_b = grad_h * silu
-    grad_a = grad_h * b * sigma * (1 + a * (1 - sigma))
-    if out is not None:
-        out[0][...], out[1][...] = grad_a, grad_b
-        grad_a, grad_b = out
-    return grad_a, grad_b, silu * b
+    results = (grad_h * b * sigma * (1 + a * (1 - sigma)), grad_h * silu, silu * b)
+    targets = (*(out if out is not None else (None, None)), h_out)
+    for target, result in zip(targets, results):
+        if target is not None:
+            target[...] = result
+    return tuple(result if target is None else target for target, result in zip(targets, results))
