@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import collections
+import functools
 import pstats
 import sys
 import time
@@ -27,6 +28,7 @@ CURRENT = collections.defaultdict(float)
 
 
 def timed(name, function):
+    @functools.wraps(function)  # keeps the signature: experts.py reads which keywords a kernel takes
     def wrapper(*args, **kwargs):
         start = time.perf_counter()
         try:
@@ -61,7 +63,7 @@ def instrument():
     import tinymoe.kernels.cpu_threads as cpu_threads
     cpu_threads.enter_one_thread_blas = timed("blas limit enter", cpu_threads.enter_one_thread_blas)
     cpu_threads.leave_one_thread_blas = timed("blas limit leave", cpu_threads.leave_one_thread_blas)
-    for name in ("_swiglu", "_swiglu_backward"):
+    for name in ("_swiglu", "_swiglu_backward", "_swiglu_backward_in_place"):
         setattr(numba_swiglu, name, timed(f"numba.{name} (kernel, per range)", getattr(numba_swiglu, name)))
 
 
