@@ -40,7 +40,6 @@ def timed(name, function):
 
 def instrument():
     import tinymoe.engine.function as function_module
-    import tinymoe.engine.checks as checks
     import tinymoe.nn.moe as moe
     import tinymoe.kernels.numba_cpu as numba_cpu
     import tinymoe.kernels.numba_swiglu as numba_swiglu

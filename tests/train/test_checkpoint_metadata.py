@@ -1,12 +1,8 @@
 """Damaged checkpoint metadata and the clean-up of temporaries left by killed saves."""
-import io
 import json
 import math
 import os
-import stat
-import struct
 import time
-import zipfile
 
 import numpy as np
 import pytest

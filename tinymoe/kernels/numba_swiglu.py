@@ -107,7 +107,7 @@ def _swiglu_backward(a, a_step, b, b_step, g, g_step, grad_a, da_step, grad_b, d
 
 # In place: da over a, db over b, h over g. Each element is read before it is written, in one iteration, and
 # each pair is one array here: LLVM then sees a distance-0 dependence and vectorises (passed as two arrays of
-# the same address, its run-time overlap check would send the loop to scalar code, ~2x slower).
+# the same address, its run-time overlap check sends the loop to scalar code: a cpu-small step took ~8% longer).
 @njit(nogil=True, cache=True, error_model="numpy")
 def _swiglu_backward_in_place(a, a_step, b, b_step, g, g_step, n_rows, width):
     for row in range(n_rows):

@@ -101,7 +101,7 @@ class Report:
         if self.healthy:
             lines.append("no problems found")
         for number, finding in enumerate(self.findings, start=1):
-            lines += [f"", f"{number}. {finding.title}", f"   evidence: {finding.evidence_text}",
+            lines += ["", f"{number}. {finding.title}", f"   evidence: {finding.evidence_text}",
                       f"   why: {finding.why}", f"   next: {finding.next_command}"]
             lines += [f"   or:   {alternative}" for alternative in finding.alternatives]
         return "\n".join(lines)
