@@ -13,7 +13,9 @@ Only the worker for a row imports that row's library.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import gc
+import os
 import statistics
 import time
 
@@ -185,23 +187,26 @@ def fused_floor_row(problem, shape, device):
         xp.matmul(gate_up[a:b].T, xs[a:b], out=grad_w13[e])       # [dw1; dw3] = [da | db]ᵀ x
         xp.matmul(gate_up[a:b], w13[e], out=grad_x[a:b])          # dx = [da | db] w13
 
-    if device == "cuda" or rows * d_model * d_ff < 1 << 26:  # tinymoe's functional.experts.MIN_PARALLEL_WORK
-        def step():
-            for block in blocks:
-                forward(block)
-            for block in blocks:
-                backward(block)
-        return step, None, _synchronizer_for(xp, device)
+    def in_order():
+        for block in blocks:
+            forward(block)
+        for block in blocks:
+            backward(block)
 
-    import concurrent.futures
-    import os
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:  # tinymoe, too, runs its blocks in order without threadpoolctl
+        ThreadpoolController = None
+    small = rows * d_model * d_ff < 1 << 26  # tinymoe's functional.experts.MIN_PARALLEL_WORK
+    if device == "cuda" or small or cores < 2 or len(blocks) < 2 or ThreadpoolController is None:
+        return in_order, None, _synchronizer_for(xp, device)
 
-    from threadpoolctl import threadpool_limits
-
-    pool = concurrent.futures.ThreadPoolExecutor(len(os.sched_getaffinity(0)))
+    blas = ThreadpoolController().select(user_api="blas")  # found once, as tinymoe does
+    pool = concurrent.futures.ThreadPoolExecutor(min(cores, len(blocks)))
 
     def step():
-        with threadpool_limits(1, user_api="blas"):
+        with blas.limit(limits=1):
             list(pool.map(forward, blocks))
             list(pool.map(backward, blocks))
     return step, None, _synchronizer_for(xp, device)

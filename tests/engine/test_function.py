@@ -130,6 +130,40 @@ def test_last_use_tells_a_backward_whether_its_saved_arrays_serve_again():
     np.testing.assert_array_equal(host(x.grad), [4.0, 4.0])
 
 
+class FailsOnce(tm.Function):
+    """A backward that raises part-way the first time (as an interrupted one would)."""
+    failed = False
+
+    @staticmethod
+    def forward(ctx, x):
+        return x * 2.0
+
+    @staticmethod
+    def backward(ctx, grad):
+        if not FailsOnce.failed:
+            FailsOnce.failed = True
+            raise KeyboardInterrupt
+        return 2.0 * grad
+
+
+def test_a_backward_that_failed_part_way_cannot_be_rerun_on_what_it_used_up():
+    """On its last use a backward may overwrite its saved buffers (SwiGLUExperts does): after it failed
+    part-way, running it again would compute from half-overwritten arrays, so it is refused, clearly."""
+    FailsOnce.failed = False
+    x, ones = leaf([1.0, 2.0]), tm.tensor([1.0, 1.0])
+    y = FailsOnce.apply(x)
+    with pytest.raises(KeyboardInterrupt):
+        y.backward(ones)
+    with pytest.raises(RuntimeError, match=r"FailsOnce a second time.*used up by one that failed part-way"):
+        y.backward(ones)
+    retained = FailsOnce.apply(x)  # with retain_graph=True nothing is used up: a retry works
+    FailsOnce.failed = False
+    with pytest.raises(KeyboardInterrupt):
+        retained.backward(ones, retain_graph=True)
+    retained.backward(ones)
+    np.testing.assert_array_equal(host(x.grad), [2.0, 2.0])
+
+
 def test_gradient_reaches_only_tensor_inputs_in_order():
     a, b = leaf([1.0, 2.0]), leaf([10.0, 20.0])
     Probe.apply(a, 4.0, b).sum().backward()

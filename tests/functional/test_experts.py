@@ -250,6 +250,8 @@ def test_a_retained_graph_gives_the_same_gradients_again(monkeypatch, threads):
     """With retain_graph=True the backward must leave its saved [a | b] intact (it writes [da | db] over it
     only on the last use): a second backward through the same graph gives the same bits."""
     import tinymoe.functional.experts as experts_module
+    if threads == "over the pool" and (experts_module._cores() < 2 or experts_module._blas_controller() is None):
+        pytest.skip("the blocks run in order here (one core or no threadpoolctl)")
     monkeypatch.setattr(experts_module, "MIN_PARALLEL_WORK", 0 if threads == "over the pool" else 1 << 62)
     arrays, offsets = _float32_problem(3)
     expected = _step(arrays, offsets)
@@ -266,6 +268,32 @@ def test_a_retained_graph_gives_the_same_gradients_again(monkeypatch, threads):
         np.testing.assert_array_equal(got_again, want)
     loops = swiglu_by_loops(*(a.astype(np.float64) for a in arrays), offsets)
     np.testing.assert_allclose(expected[0], loops, rtol=2e-4, atol=2e-4)
+
+
+def test_the_last_backward_computes_in_place_and_a_retained_one_does_not():
+    """Which buffers the SwiGLU backward kernel is handed: on the last use of the graph the saved [a | b] (as
+    out) and dh (as h_out); with retain_graph=True fresh outputs, the saved [a | b] left as it was."""
+    import types
+    from tinymoe.kernels import reference
+
+    calls = []
+
+    def swiglu_backward(a, b, grad_h, out=None, h_out=None):
+        calls.append(out is not None and out[0] is a and out[1] is b and h_out is grad_h)
+        return reference.swiglu_backward(a, b, grad_h, out=out, h_out=h_out)
+    spy = types.SimpleNamespace(**{name: getattr(reference, name) for name in kernels.PRIMITIVES})
+    spy.swiglu_backward = swiglu_backward
+    kernels.register("in-place-spy", spy, "cpu")
+    try:
+        with kernels.use("in-place-spy"):
+            xs, w1, w3, w2 = swiglu_inputs()
+            out = swiglu_experts(xs, w1, w3, w2, OFFSETS)
+            out.sum().backward(retain_graph=True)
+            retained, calls[:] = list(calls), []
+            out.sum().backward()
+    finally:
+        kernels.unregister("in-place-spy")
+    assert retained == [False, False] and calls == [True, True]  # two experts with rows, each once
 
 
 def test_a_kernel_without_out_gives_the_same_gradients():

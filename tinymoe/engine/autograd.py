@@ -119,7 +119,8 @@ def backward(root, grad, retain_graph: bool = False):
         if node.freed:
             raise RuntimeError(
                 f"backward() ran through {node.function.__name__} a second time, but its saved arrays were freed "
-                "by the first backward(); call the first one with retain_graph=True"
+                "by the first backward() (or used up by one that failed part-way); call the first one with "
+                "retain_graph=True"
             )
         xp = node.ctx.xp
         for index, (shape, dtype) in enumerate(node.output_meta):
@@ -130,6 +131,7 @@ def backward(root, grad, retain_graph: bool = False):
                 _accumulate_leaf(output_tensor, output_grads[index])
 
         node.ctx.last_use = not retain_graph
+        node.freed = not retain_graph  # before the call: a backward that fails part-way may have consumed them
         input_grads = node.function.backward(node.ctx, *output_grads)
         if not isinstance(input_grads, tuple):
             input_grads = (input_grads,)
@@ -152,7 +154,6 @@ def backward(root, grad, retain_graph: bool = False):
                 slots[edge.index] = input_grad if previous is None else previous + input_grad
         if not retain_graph:
             node.ctx, node.edges = None, ()  # drop the saved arrays and the links to the rest of the graph
-            node.freed = True
 
 
 def _checked_gradient(node, position, edge, grad):

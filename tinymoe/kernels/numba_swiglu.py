@@ -181,7 +181,10 @@ def swiglu_backward(a, b, grad_h, out=None, h_out=None):
     inputs = (a_rows, b_rows, grad_rows)
     in_place = out is not None and h_out is not None and all(
         _same_elements(output, source) for output, source in zip((*out, h_out), inputs))
-    if not in_place:
+    if in_place:  # an element written before another input's element at that address was read: wrong results
+        _require_apart("inputs computed in place", zip(("a", "b", "grad_h"), inputs))
+    else:
+        _require_apart("outputs", given)
         for name, array in given:
             for input_name, rows in zip(("a", "b", "grad_h"), inputs):
                 if np.shares_memory(array, rows):
@@ -200,6 +203,16 @@ def swiglu_backward(a, b, grad_h, out=None, h_out=None):
                                    for piece in _flat(array[start:stop])), stop - start, h.shape[1])
         for_rows(h.shape[0], rows, h.size)
     return grad_a.reshape(np.shape(a)), grad_b.reshape(np.shape(a)), h.reshape(np.shape(a))
+
+
+def _require_apart(what, named_arrays) -> None:
+    """ValueError naming the first two of `named_arrays` ((name, array) pairs) that share memory."""
+    named_arrays = list(named_arrays)
+    for position, (name, array) in enumerate(named_arrays):
+        for other_name, other in named_arrays[position + 1:]:
+            if np.shares_memory(array, other):
+                raise ValueError(f"swiglu_backward: {name} and {other_name} share memory; {what} must be apart "
+                                 "from each other")
 
 
 def _same_elements(x, y) -> bool:
