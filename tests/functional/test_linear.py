@@ -142,3 +142,31 @@ def test_linear_input_gradient_on_both_sides_of_the_small_inner_dimension(device
     np.testing.assert_array_equal(grads[0], grads[1])  # deterministic
     exact = cotangent.astype(np.float64) @ w32.astype(np.float64)
     np.testing.assert_allclose(grads[0], exact, rtol=1e-5, atol=1e-5)
+
+
+def test_a_small_backward_gives_the_bits_of_its_products_taken_alone(monkeypatch):
+    """With threadpoolctl the two products of a router-sized backward run side by side on the kernels' pool;
+    each must equal the same product computed alone on one BLAS thread, bit for bit, and land in its place."""
+    from tinymoe.kernels import cpu_threads
+    if cpu_threads.blas_controller() is None:
+        pytest.skip("needs threadpoolctl (without it the products run in turn)")
+    import importlib
+    linear_module = importlib.import_module("tinymoe.functional.linear")  # the name alone is the function
+    calls = []
+
+    def counted_run_all(work, items):
+        calls.append(1)
+        return cpu_threads.run_all(work, items)
+    monkeypatch.setattr(linear_module, "run_all", counted_run_all)
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((700, 48)).astype(np.float32)
+    weight = (0.1 * rng.standard_normal((8, 48))).astype(np.float32)
+    cotangent = rng.standard_normal((700, 8)).astype(np.float32)
+    x_leaf, w_leaf = leaf(x, "cpu", dtype="float32"), leaf(weight, "cpu", dtype="float32")
+    (F.linear(x_leaf, w_leaf) * tm.tensor(cotangent)).sum().backward()
+    assert calls == [1]
+    alone_x = cpu_threads.one_thread_blas(lambda: cotangent @ weight)
+    alone_w = cpu_threads.one_thread_blas(lambda: cotangent.T @ x)
+    np.testing.assert_array_equal(x_leaf.grad, alone_x)
+    np.testing.assert_array_equal(w_leaf.grad, alone_w)
+    np.testing.assert_allclose(w_leaf.grad, cotangent.astype(np.float64).T @ x, rtol=1e-4, atol=1e-4)
