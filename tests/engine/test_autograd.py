@@ -25,6 +25,42 @@ def test_same_tensor_twice_in_one_op():
     np.testing.assert_allclose(z.grad, [0.0, 0.0], atol=1e-15)
 
 
+# Sums of two gradients go in place into arrays the engine made in this backward(); never into the caller's.
+def test_sums_in_place_never_write_into_the_callers_arrays(device):
+    xp = np if device == "cpu" else __import__("cupy")
+    x = leaf(np.arange(6.0).reshape(2, 3), device)
+    rows = x.reshape(3, 2)                        # one view used by two ops: its two gradients are summed
+    cotangent = tm.tensor(np.full((3, 2), 2.0), device=device)
+    kept_cotangent = host(cotangent).copy()
+    out = rows * rows + rows * 3.0                 # d/dx = (2x + 3) · cotangent
+    out.backward(cotangent)
+    np.testing.assert_array_equal(host(x.grad), (2 * np.arange(6.0) + 3).reshape(2, 3) * 2.0)
+    np.testing.assert_array_equal(host(cotangent), kept_cotangent)  # the caller's cotangent is untouched
+    held = x.grad                                  # the caller holds the first .grad ...
+    held_values = host(held).copy()
+    again = x.reshape(3, 2)
+    (again * again + again * 3.0).backward(cotangent)  # ... a second backward adds into a new array
+    np.testing.assert_array_equal(host(held), held_values)
+    np.testing.assert_array_equal(host(x.grad), 2 * held_values)
+    assert isinstance(x.grad, xp.ndarray)
+
+
+def test_a_gradient_handed_to_two_inputs_is_summed_without_being_overwritten():
+    """Add gives its one incoming gradient to both inputs (not fresh): summing the two must not write into it."""
+    x, y = leaf([1.0, 2.0]), leaf([10.0, 20.0])
+    middle = x + y                  # Add.backward hands the same array to x and y
+    (middle * 1.0 + middle * 1.0 + x).sum().backward()
+    np.testing.assert_array_equal(x.grad, [3.0, 3.0])
+    np.testing.assert_array_equal(y.grad, [2.0, 2.0])
+
+
+def test_a_grad_the_caller_set_in_another_dtype_is_added_to_as_before():
+    x = leaf([1.0, 2.0])
+    x.grad = np.array([0.5, 0.5], dtype=np.float32)
+    (x * 2.0).sum().backward()
+    np.testing.assert_array_equal(x.grad, [2.5, 2.5])
+
+
 def test_diamond_graph_sums_both_paths_through_an_intermediate():
     x = leaf([1.0, 2.0])
     y = x * 3.0                    # intermediate used by two branches

@@ -94,13 +94,39 @@ def _nodes_in_topological_order(root_node):
     return order
 
 
-def _accumulate_leaf(tensor, grad, owned=False):
-    # Unless `owned`, copy: a backward may return the same array for two inputs, or a read-only broadcast view.
+def _accumulate_leaf(tensor, grad, owned=False, written=None):
+    """Add `grad` into tensor.grad. Unless `owned`, copy: a backward may return the same array for two inputs,
+    or a read-only broadcast view. `written`: ids of the tensors whose .grad this backward() made (a set it
+    updates); only those are added into in place (a .grad from before may be held by the caller)."""
     xp = array_module(grad)
     if tensor.grad is None:
         tensor.grad = grad if owned else xp.array(grad, dtype=tensor.dtype, copy=True)
+    elif getattr(tensor.grad, "dtype", None) != grad.dtype or tensor.grad.shape != grad.shape:
+        tensor.grad = xp.asarray(tensor.grad + grad)  # a .grad the caller set, of another dtype or shape
+    elif written is not None and id(tensor) in written:
+        xp.add(tensor.grad, grad, out=tensor.grad)
+    elif owned:
+        tensor.grad = xp.add(grad, tensor.grad, out=grad)  # a + b and b + a are the same bits
     else:
         tensor.grad = xp.asarray(tensor.grad + grad)
+    if written is not None:
+        written.add(id(tensor))
+
+
+def _add_pending(pending, owned, edge, grad, grad_is_owned):
+    """Sum `grad` into the pending gradient of edge.node's output edge.index, in place where the engine owns one
+    of the two (owned: (id(node), index) -> whether that pending array may be written into)."""
+    slots = pending.setdefault(id(edge.node), [None] * len(edge.node.output_meta))
+    key = (id(edge.node), edge.index)
+    previous = slots[edge.index]
+    if previous is None:
+        slots[edge.index], owned[key] = grad, grad_is_owned
+    elif owned.get(key):
+        array_module(previous).add(previous, grad, out=previous)
+    elif grad_is_owned:
+        slots[edge.index], owned[key] = array_module(grad).add(grad, previous, out=grad), True
+    else:
+        slots[edge.index], owned[key] = previous + grad, True
 
 
 def backward(root, grad, retain_graph: bool = False):
@@ -111,6 +137,7 @@ def backward(root, grad, retain_graph: bool = False):
         return
     pending = {id(root._node): [None] * len(root._node.output_meta)}
     pending[id(root._node)][root._output_index] = grad
+    owned, written = {}, set()  # pending arrays the engine may write into; leaves whose .grad this call made
 
     for node in reversed(_nodes_in_topological_order(root._node)):
         output_grads = pending.pop(id(node), None)
@@ -123,9 +150,12 @@ def backward(root, grad, retain_graph: bool = False):
                 "retain_graph=True"
             )
         xp = node.ctx.xp
+        incoming_owned = True
         for index, (shape, dtype) in enumerate(node.output_meta):
             if output_grads[index] is None:
                 output_grads[index] = xp.zeros(shape, dtype=dtype)
+            else:
+                incoming_owned = owned.pop((id(node), index), False) and incoming_owned
             output_tensor = node.outputs[index]()
             if output_tensor is not None and output_tensor._retains_grad:
                 _accumulate_leaf(output_tensor, output_grads[index])
@@ -140,18 +170,17 @@ def backward(root, grad, retain_graph: bool = False):
                 f"{node.function.__name__}.backward returned {len(input_grads)} gradient(s) "
                 f"for {len(node.edges)} tensor input(s)"
             )
+        # A view of gradients the engine owns is owned too when it is the only one handed on (one input).
+        views_owned = node.function.gradient_views and incoming_owned and len(node.edges) == 1
         for position, (edge, input_grad) in enumerate(zip(node.edges, input_grads)):
             if input_grad is None or edge is None:
                 continue
             checked = _checked_gradient(node, position, edge, input_grad)
+            fresh = node.function.fresh_gradients or views_owned or checked is not input_grad  # a cast copies too
             if edge.leaf is not None:
-                owned = node.function.fresh_gradients or checked is not input_grad  # a cast copies too
-                _accumulate_leaf(edge.leaf, checked, owned)
+                _accumulate_leaf(edge.leaf, checked, fresh, written)
             else:
-                input_grad = checked
-                slots = pending.setdefault(id(edge.node), [None] * len(edge.node.output_meta))
-                previous = slots[edge.index]
-                slots[edge.index] = input_grad if previous is None else previous + input_grad
+                _add_pending(pending, owned, edge, checked, fresh)
         if not retain_graph:
             node.ctx, node.edges = None, ()  # drop the saved arrays and the links to the rest of the graph
 

@@ -231,6 +231,8 @@ class Max(Function):
 class Reshape(Function):
     """out = x.reshape(shape);  dx = g.reshape(x.shape)"""
 
+    gradient_views = True
+
     @staticmethod
     def forward(ctx, x, shape):
         ctx.shape = x.shape

@@ -60,9 +60,12 @@ class Function:
     `fresh_gradients = True` promises that backward returns newly allocated arrays, a different one per
     input, kept nowhere else (disjoint views of one new buffer qualify: SwiGLUExperts returns w1's and w3's
     gradients as the two halves of one array); a leaf's `.grad` then takes them as they are instead of a copy.
+    `gradient_views = True` (one tensor input only) promises that backward returns its incoming gradient or a
+    view of it (Reshape): when the engine owns that gradient, it owns the view too and need not copy it.
     """
 
     fresh_gradients = False
+    gradient_views = False
 
     @staticmethod
     def forward(ctx, *args, **kwargs):
