@@ -95,12 +95,13 @@ def run_blocks(work, blocks, like, work_per_row: int):
 class SwiGLUExperts(Function):
     """y[rows of e] = (silu(x w1[e]ᵀ) ⊙ x w3[e]ᵀ) w2[e]ᵀ for each expert e.
 
-    w1[e] and w3[e] act as one stacked weight w13 = [w1[e]; w3[e]] (2ff, d), built per expert block (a 2ff·d
-    copy, small next to the matmuls): one GEMM gives [a | b] = x w13ᵀ (n, 2ff), and the backward needs one GEMM
-    for dx, one for [dw1[e]; dw3[e]] and none for a temporary: 6 GEMMs per expert instead of 9. Only [a | b]
-    is saved per block (nothing under no_grad; w13 is built again: saving it would cost E·2ff·d of memory for
-    ~1% of a step); h = silu(a)⊙b comes back from the backward kernel's single pass over (a, b), which on the
-    last use of the saved arrays writes [da | db] over [a | b] and h over dh. Backward per block, dh = dy w2[e]:
+    w1[e] and w3[e] act as one stacked weight w13 = [w1[e]; w3[e]] (2ff, d): a view when w1 and w3 are the two
+    halves of one (E, 2ff, d) array (as tinymoe.nn.Experts keeps them), else a 2ff·d copy per block, in forward
+    and again in backward. One GEMM gives [a | b] = x w13ᵀ (n, 2ff), and the backward needs one GEMM for dx,
+    one for [dw1[e]; dw3[e]] and none for a temporary: 6 GEMMs per expert instead of 9. Only [a | b] is saved
+    per block (nothing under no_grad); h = silu(a)⊙b comes back from the backward kernel's single pass over
+    (a, b), which on the last use of the saved arrays writes [da | db] over [a | b] and h over dh. Backward per
+    block, with dh = dy w2[e]:
     (da, db, h) = swiglu'(a, b; dh);  dw2[e] = dyᵀ h;  [dw1[e]; dw3[e]] = [da | db]ᵀ x;  dx = [da | db] w13.
     dx sums over the 2ff columns in one product, so its bits differ from computing da w1 + db w3 in two. The
     gradients of w1 and w3 are the two halves of one (E, 2ff, d) array (views, each row contiguous).
@@ -114,11 +115,12 @@ class SwiGLUExperts(Function):
         ctx.kernels = implementation(xs)
         swiglu, d_ff = ctx.kernels.swiglu, w1.shape[1]
         out = workspace.empty((xs.shape[0], w2.shape[1]), xs.dtype, xp)
+        joint = joint_gate_up(w1, w3)
 
         def expert_forward(block):
             expert, start, stop = block
             gate_up = workspace.empty((stop - start, 2 * d_ff), xs.dtype, xp)
-            xp.matmul(xs[start:stop], _stacked(xp, w1, w3, expert).T, out=gate_up)  # (n, 2ff) = [a | b]
+            xp.matmul(xs[start:stop], _stacked(xp, w1, w3, expert, joint).T, out=gate_up)  # (n, 2ff) = [a | b]
             xp.matmul(swiglu(gate_up[:, :d_ff], gate_up[:, d_ff:]), w2[expert].T, out=out[start:stop])
             return (expert, start, stop, gate_up) if ctx.requires_grad else None
 
@@ -138,6 +140,7 @@ class SwiGLUExperts(Function):
         grad_w1, grad_w3, grad_w2 = grad_w13[:, :d_ff], grad_w13[:, d_ff:], workspace.empty_like(w2, xp)
         _zero_idle((grad_w13, grad_w2), ctx.offsets)
         grad_xs = workspace.empty_like(xs, xp) if ctx.needs_input_grad[0] else None
+        joint = joint_gate_up(w1, w3)
 
         def expert_backward(block):
             expert, start, stop, gate_up = block
@@ -147,14 +150,36 @@ class SwiGLUExperts(Function):
             xp.matmul(grad_block.T, activated, out=grad_w2[expert])
             xp.matmul(grad_gate_up.T, x_block, out=grad_w13[expert])
             if grad_xs is not None:
-                xp.matmul(grad_gate_up, _stacked(xp, w1, w3, expert), out=grad_xs[start:stop])
+                xp.matmul(grad_gate_up, _stacked(xp, w1, w3, expert, joint), out=grad_xs[start:stop])
 
         run_blocks(expert_backward, saved, xs, d_ff * xs.shape[1])
         return grad_xs, grad_w1, grad_w3, grad_w2
 
 
-def _stacked(xp, w1, w3, expert):
-    """w13 = [w1[expert]; w3[expert]] (2ff, d): the gate and up projections as one weight."""
+def joint_gate_up(w1, w3):
+    """The (E, 2ff, d) array whose halves w1 (E, ff, d) and w3 are (as tinymoe.nn.Experts stores them), or None.
+
+    Only NumPy arrays, and only when w1 = joint[:, :ff] and w3 = joint[:, ff:] exactly: then w13[e] = joint[e]
+    is a view, and no per-expert copy is needed.
+    """
+    joint = getattr(w1, "base", None)
+    if not (isinstance(w1, np.ndarray) and isinstance(joint, np.ndarray) and getattr(w3, "base", None) is joint):
+        return None
+    n_experts, d_ff, d_model = w1.shape
+    if joint.shape != (n_experts, 2 * d_ff, d_model) or not joint.flags.c_contiguous or w3.shape != w1.shape:
+        return None
+    start = joint.__array_interface__["data"][0]
+    if (w1.__array_interface__["data"][0] != start or w1.strides != joint.strides or w3.strides != joint.strides
+            or w3.__array_interface__["data"][0] != start + d_ff * d_model * joint.itemsize):
+        return None
+    return joint
+
+
+def _stacked(xp, w1, w3, expert, joint=None):
+    """w13 = [w1[expert]; w3[expert]] (2ff, d): the gate and up projections as one weight (a view of `joint`,
+    `joint_gate_up(w1, w3)`, when there is one; else a copy)."""
+    if joint is not None:
+        return joint[expert]
     stacked = workspace.empty((2 * w1.shape[1], w1.shape[2]), w1.dtype, xp)
     stacked[:w1.shape[1]], stacked[w1.shape[1]:] = w1[expert], w3[expert]
     return stacked

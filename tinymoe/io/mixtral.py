@@ -135,6 +135,7 @@ def load_mixtral(moe, state_dict, prefix=None) -> None:
         # np.array copies: a parameter must never be a read-only view of a memory-mapped .safetensors file
         parameter.data = to_device(np.array(arrays[name], dtype=parameter.dtype, order="C"), parameter.device)
         parameter.grad = None
+    moe.parameters_replaced()
 
 
 def mixtral_state_dict(moe) -> dict:

@@ -203,6 +203,7 @@ def load_tensors(model, tensors, file_of, where: str) -> None:
         raise CheckpointError(f"{where}: " + "; ".join(wrong[:8]) + f". config.json says {_config_summary(spec)}")
     for moe, value in buffers.values():
         moe.router.bias = to_device(value.astype(moe.router.bias.dtype), moe.router.weight.device)
+    model.parameters_replaced()
     if spec.tie_word_embeddings and "lm_head.weight" in names:
         head, embeddings = np.asarray(tensors["lm_head.weight"]), np.asarray(tensors["model.embed_tokens.weight"])
         if head.shape != embeddings.shape or not np.array_equal(head, embeddings):

@@ -19,6 +19,7 @@ import numpy as np
 from ..engine.array_math import softmax, stable_top_k
 from ..engine.function import Context
 from ..engine.tensor import Tensor
+from ..functional.experts import joint_gate_up
 from ..functional.linear import Linear as LinearOp
 from ..functional.norms import RMSNorm as RMSNormOp
 from ..kernels.registry import implementation
@@ -121,8 +122,10 @@ def moe_arrays(ctx, arrays, x):
     ends = np.cumsum(np.bincount(slots, minlength=w1.shape[0])).tolist()
     blocks = [(expert, start, stop) for expert, (start, stop) in enumerate(zip([0] + ends[:-1], ends)) if stop > start]
     gate_up = np.empty((dispatched.shape[0], 2 * d_ff), rows.dtype)
+    joint = joint_gate_up(w1, w3)  # [w1; w3] per expert as a view where the layer keeps them so
     for expert, start, stop in blocks:
-        np.matmul(dispatched[start:stop], np.concatenate((w1[expert], w3[expert])).T, out=gate_up[start:stop])
+        stacked = joint[expert] if joint is not None else np.concatenate((w1[expert], w3[expert]))
+        np.matmul(dispatched[start:stop], stacked.T, out=gate_up[start:stop])
     hidden = implementation(rows).swiglu(gate_up[:, :d_ff], gate_up[:, d_ff:])
     expert_out = np.empty(dispatched.shape, rows.dtype)
     for expert, start, stop in blocks:

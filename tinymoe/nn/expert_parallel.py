@@ -164,6 +164,7 @@ class ExpertParallelMoE(MoE):
             local = parameter.xp.ascontiguousarray(parameter.data[self.expert_range.start:self.expert_range.stop])
             setattr(experts, name, Parameter(local.copy()))
         experts.n_experts = per_rank
+        experts.parameters_replaced()  # this rank's w1 and w3 as halves of one array again
         self.exchange_stats = ExchangeStats()
 
     def reset_exchange_stats(self) -> None:

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from ..engine.backend import normalize_device, normalize_dtype
 from ..engine.checks import check_finite, require_int
 from ..engine.random import as_generator
-from ..functional.experts import mlp_experts_unchecked, swiglu_experts_unchecked
+from ..functional.experts import joint_gate_up, mlp_experts_unchecked, swiglu_experts_unchecked
 from ..functional.gated_experts import gated_experts_unchecked
 from . import init
 from .module import Module
@@ -74,6 +76,20 @@ class Experts(Module):
             self.b1 = init.uniform((self.n_experts, self.d_ff), in_bound, generator, dtype, device)
             self.b3 = init.uniform((self.n_experts, self.d_ff), in_bound, generator, dtype, device)
             self.b2 = init.uniform((self.n_experts, self.d_model), out_bound, generator, dtype, device)
+        self._arrange_parameters()
+
+    def _arrange_parameters(self) -> None:
+        """SwiGLU without biases on NumPy: w1 and w3 as the two halves of one (E, 2ff, d) array, so the experts'
+        fused gate/up products read w13[e] = [w1[e]; w3[e]] as a view instead of copying it per expert block
+        (~2% of a cpu-small training step). Values and results are the same either way."""
+        if self.activation != "swiglu" or self.expert_bias or self.w1 is self.w3:
+            return
+        w1, w3 = self.w1.data, self.w3.data
+        if (not isinstance(w1, np.ndarray) or not isinstance(w3, np.ndarray) or w1.dtype != w3.dtype
+                or w1.shape != w3.shape or joint_gate_up(w1, w3) is not None or np.shares_memory(w1, w3)):
+            return
+        joint = np.concatenate((w1, w3), axis=1)
+        self.w1.data, self.w3.data = joint[:, :self.d_ff], joint[:, self.d_ff:]
 
     def forward(self, xs, expert_offsets):
         """xs (M, d) sorted by expert; expert_offsets: host ints (E+1,) → (M, d)."""

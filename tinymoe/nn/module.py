@@ -116,7 +116,19 @@ class Module:
                 if buffer is not None:
                     floating = getattr(buffer, "dtype", np.dtype(object)).kind == "f"
                     module._buffers[name] = _moved(buffer, device or device_of(buffer), dtype if floating else None)
+        self.parameters_replaced()
         return self
+
+    def parameters_replaced(self) -> None:
+        """Tell every module that parameter arrays were replaced (`.data = ...`), so that one which lays its
+        parameters out in a particular way (tinymoe.nn.Experts: w1 and w3 as halves of one array) can do so
+        again. `to()`, `load_state_dict()` and tinymoe's checkpoint loaders call it; code that assigns
+        `.data` itself may (results are the same without it, only slower)."""
+        for _, module in self.named_modules():
+            module._arrange_parameters()
+
+    def _arrange_parameters(self) -> None:
+        """Re-establish this module's parameter layout after `parameters_replaced()`; nothing by default."""
 
     @property
     def device(self) -> str:
@@ -177,6 +189,7 @@ class Module:
                 old = module._buffers[name]
                 dtype = old.dtype if old is not None else array.dtype
                 module._buffers[name] = to_device(array.astype(dtype, copy=True), device_of(old) if old is not None else "cpu")
+        self.parameters_replaced()
 
     # ----- calling -----------------------------------------------------------------------------------
     def forward(self, *args, **kwargs):

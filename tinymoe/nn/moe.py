@@ -200,6 +200,7 @@ class MoE(Module):
                 copies = copies + noise * float(dense.data.std()) * standard_normal(generator, target.shape,
                                                                                     dense.xp, target.dtype)
             target.data = copies
+        moe.parameters_replaced()
         return moe
 
     def update_bias(self, rate=None) -> None:
