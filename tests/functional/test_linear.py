@@ -159,6 +159,7 @@ def test_a_small_backward_gives_the_bits_of_its_products_taken_alone(monkeypatch
         return cpu_threads.run_all(work, items)
     monkeypatch.setattr(linear_module, "run_all", counted_run_all)
     rng = np.random.default_rng(6)
+    monkeypatch.setattr(linear_module, "MIN_PARALLEL_ELEMENTS", 0)  # a small problem, over the pool anyway
     x = rng.standard_normal((700, 48)).astype(np.float32)
     weight = (0.1 * rng.standard_normal((8, 48))).astype(np.float32)
     cotangent = rng.standard_normal((700, 8)).astype(np.float32)

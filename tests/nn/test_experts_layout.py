@@ -1,6 +1,7 @@
-"""tinymoe.nn.Experts keeps w1 and w3 as the two halves of one (E, 2ff, d) array (SwiGLU, NumPy), so the expert
-products read [w1[e]; w3[e]] as a view; the layout survives optimizer steps and is re-made after to(),
-load_state_dict() and the checkpoint loaders; results are bit for bit those of separate arrays."""
+"""tinymoe.nn.Experts keeps w1 and w3 as the two halves of one (E, 2ff, d) array (SwiGLU, NumPy, an expert's
+[w1[e]; w3[e]] of 1 MiB or more), so the expert products read it as a view; the layout survives optimizer steps
+and is re-made after to(), load_state_dict() and the checkpoint loaders; results are bit for bit those of
+separate arrays."""
 import numpy as np
 import pytest
 
@@ -9,7 +10,7 @@ import tinymoe as tm
 from tinymoe.functional.experts import joint_gate_up
 from tinymoe.nn import MoE
 
-D_MODEL, D_FF, N_EXPERTS, TOP_K = 8, 6, 4, 2
+D_MODEL, D_FF, N_EXPERTS, TOP_K = 32, 4096, 3, 2  # [w1[e]; w3[e]]: 1 MiB in float32, 2 in float64
 
 
 def _moe(dtype="float64", **options):
@@ -36,6 +37,7 @@ def test_a_new_swiglu_layer_keeps_w1_and_w3_as_halves_of_one_array():
     np.testing.assert_array_equal(joint[:, :D_FF], moe.experts.w1.data)
     np.testing.assert_array_equal(joint[:, D_FF:], moe.experts.w3.data)
     assert _joint(_moe(expert_bias=True, activation="swiglu")) is None  # the gated-bias layers keep their own
+    assert _joint(MoE(D_MODEL, 8, N_EXPERTS, top_k=TOP_K)) is None  # 2 KiB per expert: copies cost nothing
 
 
 def test_the_view_gives_the_bits_of_separate_arrays_and_the_reference():

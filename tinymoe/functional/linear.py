@@ -6,7 +6,7 @@ import numpy as np
 from ..engine.function import Function
 from ..engine.tensor import Tensor
 from ..engine.checks import require_same_dtype, require_tensor
-from ..kernels.cpu_threads import blas_controller, one_thread_blas, run_all
+from ..kernels.cpu_threads import MIN_PARALLEL_ELEMENTS, blas_controller, one_thread_blas, run_all
 
 
 class Linear(Function):
@@ -32,7 +32,8 @@ class Linear(Function):
         out_features, in_features = weight.shape
         grad_rows = grad.reshape(-1, out_features)
         rows = x.reshape(-1, in_features)
-        if ctx.needs_input_grad[0] and ctx.needs_input_grad[1] and _is_small(weight, rows) and blas_controller():
+        side_by_side = _is_small(weight, rows) and rows.size >= MIN_PARALLEL_ELEMENTS and blas_controller()
+        if ctx.needs_input_grad[0] and ctx.needs_input_grad[1] and side_by_side:
             grad_x, grad_weight = _small_products_side_by_side(grad_rows, weight, rows)
             grad_x = grad_x.reshape(x.shape)
         else:
@@ -50,7 +51,8 @@ class Linear(Function):
 # take 0.7-0.9 ms every time (perf/prototype_linear.py). So on NumPy arrays, when W has at most
 # SMALL_INNER_DIMENSION rows, they run with one-thread BLAS (threadpoolctl; the sums' order is BLAS's own,
 # fixed, so results do not change run to run). The backward's two run side by side, one per thread of the
-# kernels' pool (threads that wait on a lock: with a core taken, the pair takes at most the two in turn).
+# kernels' pool (threads that wait on a lock: with a core taken, the pair takes at most the two in turn), for
+# inputs of MIN_PARALLEL_ELEMENTS or more (below, waking a thread costs more than it saves).
 # Without threadpoolctl, dx = g W uses NumPy's einsum loops (single-threaded, ~1.6 ms) and the others plain BLAS.
 SMALL_INNER_DIMENSION = 16
 
