@@ -54,6 +54,18 @@ def test_a_gradient_handed_to_two_inputs_is_summed_without_being_overwritten():
     np.testing.assert_array_equal(y.grad, [2.0, 2.0])
 
 
+def test_a_0d_tensor_reached_three_times_sums_its_scalar_gradients():
+    """0-d ops may hand on NumPy scalars (not arrays): those are summed, never written into."""
+    x = leaf(np.arange(4.0))
+    m = x.mean()
+    ((x - m) * m + m).sum().backward()   # m gets three gradients; f = m·Σ(x − m) + 4m = 4m, df/dx = 1
+    np.testing.assert_allclose(x.grad, [1.0, 1.0, 1.0, 1.0])
+    y = leaf(np.arange(4.0))
+    s = (y * y).sum()
+    (s * 2.0 + s * s + s).backward()     # df/dy = (2 + 2s + 1) · 2y, s = 14
+    np.testing.assert_allclose(y.grad, (2 + 2 * 14.0 + 1) * 2 * np.arange(4.0))
+
+
 def test_a_grad_the_caller_set_in_another_dtype_is_added_to_as_before():
     x = leaf([1.0, 2.0])
     x.grad = np.array([0.5, 0.5], dtype=np.float32)

@@ -70,7 +70,19 @@ def test_the_layout_survives_optimizer_steps_and_is_remade_after_to_and_load_sta
     np.testing.assert_array_equal(other.experts.w3.numpy(), state["experts.w3"].astype(np.float32))
 
 
-def test_load_mixtral_and_from_dense_leave_the_layout_in_place():
+def test_from_dense_gives_the_layout_and_to_keeps_it():
+    """from_dense broadcasts the dense weights (arrays that are not in C order): the joined array is C order."""
+    dense = tm.nn.SwiGLU(D_MODEL, D_FF, dtype="float64", generator=1)
+    moe = MoE.from_dense(dense, N_EXPERTS, TOP_K)
+    assert _joint(moe) is not None
+    for e in range(N_EXPERTS):
+        np.testing.assert_array_equal(moe.experts.w1.numpy()[e], dense.w1.numpy())
+        np.testing.assert_array_equal(moe.experts.w3.numpy()[e], dense.w3.numpy())
+    moe.to(dtype="float32")
+    assert _joint(moe) is not None
+
+
+def test_load_mixtral_leaves_the_layout_in_place():
     rng = np.random.default_rng(0)
     moe = _moe()
     w1, w3 = rng.standard_normal((N_EXPERTS, D_FF, D_MODEL)), rng.standard_normal((N_EXPERTS, D_FF, D_MODEL))
@@ -82,14 +94,17 @@ def test_load_mixtral_and_from_dense_leave_the_layout_in_place():
     np.testing.assert_array_equal(moe.experts.w3.numpy(), w3)
 
 
-@pytest.mark.parametrize("arrangement", ["separate", "swapped halves", "a strided base", "same array"])
+@pytest.mark.parametrize("arrangement", ["separate", "swapped halves", "a strided base", "a Fortran-order base",
+                                         "same array"])
 def test_joint_gate_up_finds_only_the_exact_layout(arrangement):
     joint = np.arange(2 * 6 * 5, dtype=np.float64).reshape(2, 6, 5).copy()  # an array of its own (base None)
     wider = np.arange(2 * 6 * 10, dtype=np.float64).reshape(2, 6, 10)
+    fortran = np.asfortranarray(joint)
     w1, w3 = {
         "separate": (joint[:, :3].copy(), joint[:, 3:].copy()),
         "swapped halves": (joint[:, 3:], joint[:, :3]),
         "a strided base": (wider[:, :3, ::2], wider[:, 3:, ::2]),  # every other column of a wider array
+        "a Fortran-order base": (fortran[:, :3], fortran[:, 3:]),  # the right shape, not in C order
         "same array": (joint[:, :3], joint[:, :3]),
     }[arrangement]
     assert joint_gate_up(w1, w3) is None

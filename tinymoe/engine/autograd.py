@@ -99,6 +99,7 @@ def _accumulate_leaf(tensor, grad, owned=False, written=None):
     or a read-only broadcast view. `written`: ids of the tensors whose .grad this backward() made (a set it
     updates); only those are added into in place (a .grad from before may be held by the caller)."""
     xp = array_module(grad)
+    owned = owned and _is_array(grad)  # a 0-d op may return a NumPy scalar: not an array to write into
     if tensor.grad is None:
         tensor.grad = grad if owned else xp.array(grad, dtype=tensor.dtype, copy=True)
     elif getattr(tensor.grad, "dtype", None) != grad.dtype or tensor.grad.shape != grad.shape:
@@ -106,7 +107,7 @@ def _accumulate_leaf(tensor, grad, owned=False, written=None):
     elif written is not None and id(tensor) in written:
         xp.add(tensor.grad, grad, out=tensor.grad)
     elif owned:
-        tensor.grad = xp.add(grad, tensor.grad, out=grad)  # a + b and b + a are the same bits
+        tensor.grad = xp.add(grad, tensor.grad, out=grad)  # a + b and b + a are the same bits (grad: an array)
     else:
         tensor.grad = xp.asarray(tensor.grad + grad)
     if written is not None:
@@ -119,6 +120,7 @@ def _add_pending(pending, owned, edge, grad, grad_is_owned):
     slots = pending.setdefault(id(edge.node), [None] * len(edge.node.output_meta))
     key = (id(edge.node), edge.index)
     previous = slots[edge.index]
+    grad_is_owned = grad_is_owned and _is_array(grad)
     if previous is None:
         slots[edge.index], owned[key] = grad, grad_is_owned
     elif owned.get(key):
@@ -126,7 +128,13 @@ def _add_pending(pending, owned, edge, grad, grad_is_owned):
     elif grad_is_owned:
         slots[edge.index], owned[key] = array_module(grad).add(grad, previous, out=grad), True
     else:
-        slots[edge.index], owned[key] = previous + grad, True
+        total = previous + grad  # a NumPy scalar when both are 0-d
+        slots[edge.index], owned[key] = total, _is_array(total)
+
+
+def _is_array(value) -> bool:
+    """Whether `value` is an array of its module (NumPy or CuPy), not a NumPy scalar."""
+    return isinstance(value, array_module(value).ndarray)
 
 
 def backward(root, grad, retain_graph: bool = False):

@@ -92,7 +92,8 @@ class Experts(Module):
                 or w1.shape != w3.shape or 2 * w1[0].nbytes < workspace.MIN_BYTES
                 or joint_gate_up(w1, w3) is not None or np.shares_memory(w1, w3)):
             return
-        joint = np.concatenate((w1, w3), axis=1)
+        joint = np.empty((w1.shape[0], 2 * self.d_ff, w1.shape[2]), w1.dtype)  # C order, whatever w1's order
+        joint[:, :self.d_ff], joint[:, self.d_ff:] = w1, w3
         self.w1.data, self.w3.data = joint[:, :self.d_ff], joint[:, self.d_ff:]
 
     def forward(self, xs, expert_offsets):
