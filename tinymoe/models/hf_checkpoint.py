@@ -196,7 +196,11 @@ def load_tensors(model, tensors, file_of, where: str) -> None:
             if value is not None:
                 array[...] = value
         if not wrong:  # after the first error only checks continue, so that every bad tensor is named
-            parameter.data = to_device(array, parameter.device)
+            current = parameter.data
+            if isinstance(current, np.ndarray) and current.shape == array.shape and current.dtype == array.dtype:
+                current[...] = array  # into the layer's own layout (e.g. w1|w3 joined): no second copy of it
+            else:
+                parameter.data = to_device(array, parameter.device)
             parameter.grad = None
     buffers = {key: (moe, read(key)) for key, moe in buffer_sources(model).items()}
     if wrong:
