@@ -132,8 +132,11 @@ def load_mixtral(moe, state_dict, prefix=None) -> None:
     if "router.bias" in arrays:  # a buffer, not a Parameter: set through the router (which checks it is finite)
         moe.router.bias = to_device(np.array(arrays["router.bias"], dtype=moe.router.bias.dtype), moe.router.weight.device)
     for name, parameter in targets.items():
-        # np.array copies: a parameter must never be a read-only view of a memory-mapped .safetensors file
-        parameter.data = to_device(np.array(arrays[name], dtype=parameter.dtype, order="C"), parameter.device)
+        current = parameter.data
+        if isinstance(current, np.ndarray) and current.shape == np.shape(arrays[name]):
+            current[...] = arrays[name]  # into the layer's own arrays, cast (joined w1|w3 stay joined)
+        else:  # np.array copies: a parameter must never be a read-only view of a memory-mapped .safetensors file
+            parameter.data = to_device(np.array(arrays[name], dtype=parameter.dtype, order="C"), parameter.device)
         parameter.grad = None
     moe.parameters_replaced()
 
